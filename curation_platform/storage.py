@@ -1,0 +1,166 @@
+"""One way to address files on local disk and on S3-compatible object stores.
+
+Every location in the platform is a URI string: a local path (``/data/pool``, ``pool``) or
+``s3://bucket/prefix``. :func:`filesystem_for` resolves it to a ``pyarrow.fs`` filesystem and
+a path inside it, so readers stream from either with the same code. S3 credentials and the
+endpoint come only from :class:`S3Settings` (by default the standard ``AWS_*`` environment
+variables, or the instance role when none are set); nothing is hard-coded.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+S3_SCHEME = "s3://"
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """Connection settings for an S3-compatible store (AWS S3, SeaweedFS, MinIO)."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+    session_token: str | None = None
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> S3Settings:
+        """Read the standard AWS variables (``AWS_ENDPOINT_URL_S3`` wins over ``AWS_ENDPOINT_URL``)."""
+        env = os.environ if environ is None else environ
+        return cls(
+            endpoint_url=env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None,
+            region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None,
+            access_key_id=env.get("AWS_ACCESS_KEY_ID") or None,
+            secret_access_key=env.get("AWS_SECRET_ACCESS_KEY") or None,
+            session_token=env.get("AWS_SESSION_TOKEN") or None,
+        )
+
+    def pyarrow_filesystem(self) -> pafs.S3FileSystem:
+        kwargs: dict[str, object] = {"region": self.region or "us-east-1"}
+        if self.endpoint_url:
+            endpoint = urlparse(self.endpoint_url)
+            if not endpoint.scheme or not endpoint.netloc:
+                raise ValueError(f"S3 endpoint must look like http(s)://host:port, got {self.endpoint_url!r}")
+            kwargs["scheme"] = endpoint.scheme
+            kwargs["endpoint_override"] = endpoint.netloc
+        if self.access_key_id:
+            kwargs["access_key"] = self.access_key_id
+            kwargs["secret_key"] = self.secret_access_key
+            kwargs["session_token"] = self.session_token
+        return pafs.S3FileSystem(**kwargs)
+
+    def storage_options(self) -> dict[str, str]:
+        """The same settings as object_store options (LanceDB, polars)."""
+        options = {"region": self.region or "us-east-1"}
+        if self.endpoint_url:
+            options["endpoint"] = self.endpoint_url
+            if self.endpoint_url.startswith("http://"):
+                options["allow_http"] = "true"
+        if self.access_key_id:
+            options["aws_access_key_id"] = self.access_key_id
+            options["aws_secret_access_key"] = self.secret_access_key or ""
+        if self.session_token:
+            options["aws_session_token"] = self.session_token
+        return options
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith(S3_SCHEME)
+
+
+def filesystem_for(uri: str, s3: S3Settings | None = None) -> tuple[pafs.FileSystem, str]:
+    """Resolve ``uri`` to ``(filesystem, path)``; local paths are made absolute."""
+    if is_s3(uri):
+        path = uri[len(S3_SCHEME) :].strip("/")
+        if not path:
+            raise ValueError(f"S3 URI needs a bucket: {uri!r}")
+        return (s3 or S3Settings.from_env()).pyarrow_filesystem(), path
+    if "://" in uri:
+        raise ValueError(f"unsupported URI scheme in {uri!r}: use a local path or s3://bucket/prefix")
+    return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path components onto a URI without resolving anything."""
+    if is_s3(uri):
+        return S3_SCHEME + posixpath.join(uri[len(S3_SCHEME) :].rstrip("/"), *parts)
+    return str(Path(uri, *parts))
+
+
+def uri_of(fs: pafs.FileSystem, path: str) -> str:
+    return S3_SCHEME + path if isinstance(fs, pafs.S3FileSystem) else path
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """A listed file: its URI, size and modification time (what a checksum cache keys on)."""
+
+    uri: str
+    size: int
+    mtime_ns: int | None
+
+
+def list_files(uri: str, s3: S3Settings | None = None) -> Iterator[FileEntry]:
+    """Files directly under ``uri`` (not recursive), sorted by name."""
+    fs, path = filesystem_for(uri, s3)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=False, recursive=False))
+    for info in sorted(infos, key=lambda i: i.path):
+        if info.type == pafs.FileType.File:
+            yield FileEntry(uri_of(fs, info.path), int(info.size), info.mtime_ns)
+
+
+def file_entry(uri: str, s3: S3Settings | None = None) -> FileEntry | None:
+    fs, path = filesystem_for(uri, s3)
+    info = fs.get_file_info(path)
+    if info.type != pafs.FileType.File:
+        return None
+    return FileEntry(uri_of(fs, info.path), int(info.size), info.mtime_ns)
+
+
+def exists(uri: str, s3: S3Settings | None = None) -> bool:
+    fs, path = filesystem_for(uri, s3)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def open_input(uri: str, s3: S3Settings | None = None, buffer_size: int = 1 << 20) -> pafs.NativeFile:
+    """A sequential, buffered read stream: the whole object is never loaded at once."""
+    fs, path = filesystem_for(uri, s3)
+    return fs.open_input_stream(path, buffer_size=buffer_size)
+
+
+def read_bytes(uri: str, s3: S3Settings | None = None) -> bytes:
+    with open_input(uri, s3) as stream:
+        return stream.read()
+
+
+def write_bytes_atomic(uri: str, data: bytes, s3: S3Settings | None = None) -> None:
+    """Write ``data`` so that readers see the old file or the new one, never a partial one.
+
+    Locally a temporary sibling is renamed over the target; on S3 a single PUT (or a completed
+    multipart upload) is already atomic.
+    """
+    fs, path = filesystem_for(uri, s3)
+    if isinstance(fs, pafs.LocalFileSystem):
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            with open(tmp, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return
+    with fs.open_output_stream(path) as stream:
+        stream.write(data)

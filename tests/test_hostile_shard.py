@@ -1,0 +1,133 @@
+"""A crafted hostile shard: every sample accounted for, right reason codes, no crash, no escape."""
+
+from __future__ import annotations
+
+import os
+import tarfile
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from curation_platform.ingest import ingest_shard, make_executor, write_ingestion
+from curation_platform.pool import discover_shards
+from curation_platform.reasons import Reason
+from curation_platform.validation import ValidationLimits
+from tests.shard_factory import ShardBuilder, jpeg_bytes, png_bomb_bytes
+
+UID = "0123456789abcdef0123456789abcdef"
+LIMITS = ValidationLimits(max_image_bytes=200_000, min_image_side=16)
+
+
+def hostile_shard(directory: Path) -> Path:
+    b = ShardBuilder()
+    b.sample("000000000", "a red square on white", uid="a" * 32)
+    b.file("../../escaped.jpg", jpeg_bytes()).file("/tmp/absolute_escape.txt", b"pwned")
+    b.file("000000001.txt", b"a symlinked image").special("000000001.jpg", tarfile.SYMTYPE, "/etc/passwd").row("000000001")
+    b.file("000000002.txt", b"hard link").special("000000002.jpg", tarfile.LNKTYPE, "000000000.jpg").row("000000002")
+    b.special("000000003.jpg", tarfile.CHRTYPE).row("000000003")
+    b.special("000000004.jpg", tarfile.FIFOTYPE).row("000000004")
+    b.sample("000000005", "a decompression bomb", image=png_bomb_bytes())
+    b.sample("000000006", "a truncated jpeg", image=jpeg_bytes(128, 128)[:300])
+    b.sample("000000007", b"caption \xff\xfe not utf-8")
+    b.row("000000008").row("000000009", status="failed_to_download")  # parquet rows without members
+    b.sample("000000010", "first holder of the uid", uid=UID)
+    b.sample("000000011", "second holder of the uid", uid=UID)
+    b.sample("000000012", "a sample the parquet does not know", row=False)
+    b.sample("000000013", "an oversize image", image=os.urandom(300_000))
+    b.sample("000000014", "a tiny image", image=jpeg_bytes(8, 8))
+    b.sample("000000015", "   ")
+    b.sample("000000016", "bad uid", uid="not-a-uid")
+    b.file("000000017.jpg", jpeg_bytes()).file("000000017.txt", b"bad json").file("000000017.json", b"{oops").row("000000017")
+    b.file("README", b"no key.ext form")
+    b.file("000000018.txt", b"caption without an image").row("000000018")
+    b.sample("sub/000000019", "a good sample in a sub folder")
+    b.file("000000000.txt", b"the key of sample 0 again, after other keys")
+    return b.write(directory)
+
+
+EXPECTED_REASONS = {
+    "000000001": Reason.UNSAFE_MEMBER_TYPE,
+    "000000002": Reason.UNSAFE_MEMBER_TYPE,
+    "000000003": Reason.UNSAFE_MEMBER_TYPE,
+    "000000004": Reason.UNSAFE_MEMBER_TYPE,
+    "000000005": Reason.DECOMPRESSION_BOMB,
+    "000000006": Reason.UNDECODABLE_IMAGE,
+    "000000007": Reason.INVALID_UTF8,
+    "000000008": Reason.MISSING_MEMBER,
+    "000000009": Reason.NOT_DOWNLOADED,
+    "000000011": Reason.DUPLICATE_UID,
+    "000000012": Reason.MISSING_PARQUET_ROW,
+    "000000013": Reason.OVERSIZE_MEMBER,
+    "000000014": Reason.IMAGE_TOO_SMALL,
+    "000000015": Reason.MISSING_CAPTION,
+    "000000016": Reason.INVALID_UID,
+    "000000017": Reason.INVALID_JSON,
+    "README": Reason.MALFORMED_MEMBER_NAME,
+    "000000018": Reason.MISSING_IMAGE,
+    "../../escaped.jpg": Reason.UNSAFE_MEMBER_PATH,
+    "/tmp/absolute_escape.txt": Reason.UNSAFE_MEMBER_PATH,
+}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_hostile_shard_is_fully_accounted(tmp_path: Path, workers: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    work = tmp_path / "work"
+    pool = hostile_shard(work / "pool")
+    monkeypatch.chdir(work)
+    before = set(tmp_path.rglob("*"))
+    (shard,) = discover_shards(str(pool))
+
+    executor = make_executor(workers)
+    try:
+        ingestion = ingest_shard(shard, limits=LIMITS, executor=executor, batch_size=3)
+    finally:
+        if executor:
+            executor.shutdown()
+    paths = write_ingestion(ingestion, str(work / "out"))
+
+    report = ingestion.report
+    reasons = dict(zip(ingestion.quarantine["key"].to_pylist(), ingestion.quarantine["reason"].to_pylist()))
+    accepted = ingestion.accepted["key"].to_pylist()
+    assert accepted == ["000000000", "000000010", "sub/000000019"]
+    assert ingestion.accepted["uid"].to_pylist()[:2] == ["a" * 32, UID]
+    assert {key: reasons.get(key) for key in EXPECTED_REASONS} == EXPECTED_REASONS
+    assert reasons["000000000"] == Reason.DUPLICATE_KEY  # the non-consecutive repeat of key 0
+    # accounting: every key and every hostile member is one record, nothing twice or lost
+    assert report.accepted + report.quarantined == report.total == len(accepted) + len(reasons)
+    assert report.total == len(EXPECTED_REASONS) + 4
+    assert report.parquet_rows == 19
+    assert report.errors == []
+    assert sum(report.by_reason.values()) == report.quarantined
+    assert len(set(ingestion.quarantine["uid"].to_pylist()) | set(ingestion.accepted["uid"].to_pylist())) == report.total
+
+    # nothing was written outside the output directory; nothing escaped from the tar
+    created = set(tmp_path.rglob("*")) - before
+    assert all(str(path).startswith(str(work / "out")) for path in created)
+    assert not Path("/tmp/absolute_escape.txt").exists()
+    assert not (tmp_path / "escaped.jpg").exists()
+    assert pq.read_table(paths["quarantine"]).num_rows == report.quarantined
+
+
+def test_truncated_and_garbage_tars_do_not_crash(tmp_path: Path) -> None:
+    pool = tmp_path / "pool"
+    b = ShardBuilder(name="00000")
+    for index in range(6):
+        b.sample(f"00000{index:04d}", f"sample number {index}", image=jpeg_bytes(64 + index, 64))
+    b.write(pool)
+    tar_path = pool / "00000.tar"
+    data = tar_path.read_bytes()
+    tar_path.write_bytes(data[: len(data) // 2])
+    ShardBuilder(name="00001").row("000010000").row("000010001").write(pool)
+    (pool / "00001.tar").write_bytes(b"this is not a tar file at all" * 50)
+
+    first, second = discover_shards(str(pool))
+    truncated = ingest_shard(first)
+    assert truncated.report.total == 6 == truncated.report.accepted + truncated.report.quarantined
+    assert truncated.report.errors and "tar unreadable" in truncated.report.errors[0]
+    assert set(truncated.report.by_reason) <= {Reason.TRUNCATED_SHARD, Reason.MISSING_MEMBER}
+    assert truncated.report.accepted >= 1
+
+    garbage = ingest_shard(second)
+    assert garbage.report.total == 2 and garbage.report.quarantined == 2
+    assert garbage.report.by_reason == {Reason.MISSING_MEMBER: 2}
