@@ -1,0 +1,1 @@
+"""Dagster code location of the curation platform (thin wiring around ``curation_platform``)."""

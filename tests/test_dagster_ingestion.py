@@ -1,0 +1,48 @@
+"""The code location loads, the sensor partitions the pool, a shard partition materialises."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import dagster as dg
+
+from assets.definitions import defs
+from assets.ingestion import shard_discovery_sensor, shard_partitions, shard_reconciles, validated_samples
+from assets.resources import PlatformResource
+
+
+def test_definitions_load() -> None:
+    defs.resolve_all_job_defs()
+    assert dg.AssetKey("validated_samples") in defs.resolve_all_asset_keys()
+
+
+def test_sensor_and_partition_materialisation(tmp_path: Path, demo_pool_dir: Path) -> None:
+    pool = tmp_path / "pool"
+    shutil.copytree(demo_pool_dir / "pool", pool)
+    platform = PlatformResource(home_uri=str(tmp_path / "home"), pool_uri=str(pool), decode_workers=0)
+    instance = dg.DagsterInstance.ephemeral()
+
+    def evaluate(cursor: str | None) -> dg.SensorResult:
+        context = dg.build_sensor_context(instance=instance, cursor=cursor, resources={"platform": platform})
+        return shard_discovery_sensor(context)
+
+    first = evaluate(None)
+    assert [request.partition_key for request in first.run_requests] == ["00000", "00001"]
+    (add_request,) = first.dynamic_partitions_requests
+    instance.add_dynamic_partitions(shard_partitions.name, list(add_request.partition_keys))
+
+    result = dg.materialize([validated_samples, shard_reconciles], partition_key="00001", instance=instance,
+                            resources={"platform": platform})
+    assert result.success
+    metadata = result.asset_materializations_for_node("validated_samples")[0].metadata
+    assert metadata["accepted"].value + metadata["quarantined"].value == metadata["total"].value > 0
+    (check,) = result.get_asset_check_evaluations()
+    assert check.passed
+
+    assert evaluate(first.cursor).run_requests == []  # nothing new, nothing re-run
+    for suffix in (".tar", ".parquet", "_stats.json"):
+        shutil.copy(pool / f"00001{suffix}", pool / f"00002{suffix}")
+    third = evaluate(first.cursor)
+    assert [request.partition_key for request in third.run_requests] == ["00002"]
+    assert list(third.dynamic_partitions_requests[0].partition_keys) == ["00002"]
