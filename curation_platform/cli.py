@@ -89,10 +89,20 @@ def demo_pool(out: Path, shards: int, samples_per_shard: int, seed: int, workers
     click.echo(json.dumps(summary, indent=2))
 
 
-def _build_demo_pool(out: Path, shards: int, samples_per_shard: int, seed: int, workers: int) -> dict:
+def _build_demo_pool(out: Path, shards: int, samples_per_shard: int, seed: int, workers: int,
+                     reuse: bool = False) -> dict:
+    """Build the demo pool; with ``reuse``, a complete pool of the same config is kept as it is."""
     from curation_platform.demo import DemoPoolConfig, build_demo_pool
+    from curation_platform.demo.pool import MANIFEST_FILE
 
     config = DemoPoolConfig(out=out, shards=shards, samples_per_shard=samples_per_shard, seed=seed, workers=workers)
+    manifest = out / MANIFEST_FILE
+    if reuse and manifest.exists():
+        existing = json.loads(manifest.read_text())
+        if existing.get("config") == config.to_dict():
+            click.echo(f"reusing the demo pool in {out} (same config; delete it to rebuild)")
+            return existing
+        raise click.ClickException(f"{out} holds a demo pool of another config; delete it or choose another --home")
     bars: dict[str, tqdm] = {}
 
     def progress(stage: str, done: int, total: int) -> None:
@@ -103,6 +113,8 @@ def _build_demo_pool(out: Path, shards: int, samples_per_shard: int, seed: int, 
 
     try:
         return build_demo_pool(config, progress=progress).to_dict()
+    except FileExistsError as error:
+        raise click.ClickException(str(error)) from error
     finally:
         for bar in bars.values():
             bar.close()
@@ -167,7 +179,7 @@ def demo(home: str | None, shards: int, samples_per_shard: int, seed: int, worke
     started = time.perf_counter()
     click.echo(f"project home: {root}")
     demo_dir = root / "demo"
-    _build_demo_pool(demo_dir, shards, samples_per_shard, seed, workers)
+    _build_demo_pool(demo_dir, shards, samples_per_shard, seed, workers, reuse=True)
     click.echo(f"demo pool written to {demo_dir} ({time.perf_counter() - started:.1f} s)")
     validated = root / "validated"
     reports = _ingest(_discover(str(demo_dir / "pool"), root), ValidationLimits(), workers, str(validated))

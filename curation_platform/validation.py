@@ -15,7 +15,7 @@ import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from curation_platform.reasons import Reason
 
@@ -115,6 +115,8 @@ def _check_image(data: bytes, limits: ValidationLimits) -> tuple[int, int, str, 
                 width, height = oriented.size
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         return ContentRejected(Reason.DECOMPRESSION_BOMB, str(error))
+    except UnidentifiedImageError:
+        return ContentRejected(Reason.UNDECODABLE_IMAGE, f"not a known image format; starts with {data[:12]!r}")
     except Exception as error:  # PIL raises many types on corrupt data; all mean "undecodable"
         return ContentRejected(Reason.UNDECODABLE_IMAGE, f"{type(error).__name__}: {error}")
     if min(width, height) < limits.min_image_side:
