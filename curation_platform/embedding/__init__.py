@@ -1,0 +1,1 @@
+"""Teacher embeddings of validated samples: loader, engine and sinks."""

@@ -1,0 +1,169 @@
+"""The embedding engine: accepted samples of a shard -> unit-norm teacher embeddings in a sink.
+
+One code path for CPU and CUDA. DataLoader workers decode, resize and tokenize chunks of
+consecutive samples (see :mod:`curation_platform.embedding.loader`); the main process gathers
+chunks into large batches, copies them to the device from pinned memory without blocking,
+normalises pixels on the device, runs both towers (fp16/bf16 autocast on CUDA) and streams the
+L2-normalised float32 embeddings to the sink, which commits the shard atomically.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from curation_platform.embedding.loader import ChunkDataset, ImagePreprocessor, plan_chunks
+from curation_platform.embedding.sinks import EmbeddingSink
+from curation_platform.pool import ShardRef
+from curation_platform.storage import S3Settings
+from curation_platform.teachers import Teacher
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    """Device and throughput knobs; none of them changes an embedding beyond float rounding."""
+
+    device: str = "auto"
+    batch_size: int = 256
+    chunk_size: int = 32
+    workers: int = 2
+    prefetch_factor: int = 4
+    precision: str = "auto"  # auto: fp16 autocast on CUDA, fp32 on CPU; or fp32 / fp16 / bf16
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def autocast_dtype(self, device: torch.device) -> torch.dtype | None:
+        precision = self.precision
+        if precision == "auto":
+            precision = "fp16" if device.type == "cuda" else "fp32"
+        return {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+@dataclass(frozen=True)
+class EmbedReport:
+    shard: str
+    teacher_id: str
+    rows: int
+    seconds: float
+    device: str
+
+    @property
+    def pairs_per_second(self) -> float:
+        return self.rows / self.seconds if self.seconds else 0.0
+
+
+def embed_shards(
+    teacher: Teacher,
+    jobs: list[tuple[ShardRef, pa.Table]],
+    sink: EmbeddingSink,
+    config: EmbedConfig = EmbedConfig(),
+    s3: S3Settings | None = None,
+) -> list[EmbedReport]:
+    """Embed each shard's accepted samples (ingestion's table) and commit shard by shard.
+
+    One DataLoader serves all shards, so worker start-up is paid once; a shard is committed as
+    soon as its last chunk is encoded, and a failure leaves later shards untouched.
+    """
+    for shard, samples in jobs:
+        _check_validated_from(shard, samples)
+    device = config.resolved_device()
+    teacher.to(device)
+    chunks = [chunk for job, (shard, samples) in enumerate(jobs)
+              for chunk in plan_chunks(job, shard.tar.uri, samples, config.chunk_size)]
+    loader = torch.utils.data.DataLoader(
+        ChunkDataset(chunks, ImagePreprocessor(teacher.preprocessing), teacher.tokenizer, s3),
+        batch_size=None,
+        num_workers=config.workers,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=config.prefetch_factor if config.workers else None,
+        multiprocessing_context=_worker_context() if config.workers else None,
+    )
+    encoder = _BatchEncoder(teacher, device, config.autocast_dtype(device))
+    batches = iter(loader)
+    reports = []
+    lookahead = next(batches, None)
+    for job, (shard, samples) in enumerate(jobs):
+        started = time.perf_counter()
+        with sink.shard_writer(shard.name, teacher.teacher_id, teacher.embed_dim) as writer:
+            pending: list[dict] = []
+            while lookahead is not None and lookahead["job"] == job:
+                pending.append(lookahead)
+                if sum(len(chunk["uids"]) for chunk in pending) >= config.batch_size:
+                    writer.write(encoder(pending, shard.name))
+                    pending = []
+                lookahead = next(batches, None)
+            if pending:
+                writer.write(encoder(pending, shard.name))
+        reports.append(EmbedReport(shard=shard.name, teacher_id=teacher.teacher_id, rows=samples.num_rows,
+                                   seconds=time.perf_counter() - started, device=str(device)))
+    return reports
+
+
+def embed_shard(teacher: Teacher, shard: ShardRef, samples: pa.Table, sink: EmbeddingSink,
+                config: EmbedConfig = EmbedConfig(), s3: S3Settings | None = None) -> EmbedReport:
+    """Embed one shard (see :func:`embed_shards`)."""
+    return embed_shards(teacher, [(shard, samples)], sink, config, s3)[0]
+
+
+def _check_validated_from(shard: ShardRef, samples: pa.Table) -> None:
+    if shard.tar is None:
+        raise ValueError(f"shard {shard.name} has no tar")
+    recorded = set(samples.column("shard_id").to_pylist()) if samples.num_rows else {shard.shard_id}
+    if recorded != {shard.shard_id}:
+        raise ValueError(f"samples were validated from {sorted(recorded)}, the shard is now {shard.shard_id}: "
+                         "re-ingest it before embedding")
+
+
+def _worker_context() -> multiprocessing.context.BaseContext:
+    """``forkserver`` with torch and the loader preloaded: workers start in milliseconds once the
+    server is up, and never inherit LanceDB's or pyarrow's threads as a plain ``fork`` would."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["__main__", "torch", "open_clip", "curation_platform.embedding.loader"])
+    return context
+
+
+class _BatchEncoder:
+    """Chunks -> one device batch -> a RecordBatch of normalised embeddings."""
+
+    def __init__(self, teacher: Teacher, device: torch.device, autocast: torch.dtype | None) -> None:
+        self.teacher = teacher
+        self.device = device
+        self.autocast = autocast
+        pre = teacher.preprocessing
+        self.mean = torch.tensor(pre.mean, device=device).view(1, 3, 1, 1) * 255
+        self.inv_std = 1 / (torch.tensor(pre.std, device=device).view(1, 3, 1, 1) * 255)
+        self.dim = teacher.embed_dim
+
+    def __call__(self, chunks: list[dict], shard: str) -> pa.RecordBatch:
+        uids = [uid for chunk in chunks for uid in chunk["uids"]]
+        pixels = torch.cat([chunk["pixels"] for chunk in chunks]).to(self.device, non_blocking=True)
+        tokens = torch.cat([chunk["tokens"] for chunk in chunks]).to(self.device, non_blocking=True)
+        pixels = (pixels.float() - self.mean) * self.inv_std
+        with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            images = self.teacher.encode_images(pixels)
+            texts = self.teacher.encode_texts(tokens)
+        return _record_batch(uids, self.teacher.teacher_id, shard, images.cpu().numpy(), texts.cpu().numpy())
+
+
+def _record_batch(uids: list[str], teacher_id: str, shard: str, images: np.ndarray, texts: np.ndarray) -> pa.RecordBatch:
+    dim = images.shape[1]
+    vector = pa.list_(pa.float32(), dim)
+    return pa.record_batch(
+        {
+            "uid": pa.array(uids, pa.string()),
+            "teacher_id": pa.array([teacher_id] * len(uids), pa.string()),
+            "shard": pa.array([shard] * len(uids), pa.string()),
+            "image_embedding": pa.FixedSizeListArray.from_arrays(pa.array(images.astype(np.float32).ravel()), dim)
+            .cast(vector),
+            "text_embedding": pa.FixedSizeListArray.from_arrays(pa.array(texts.astype(np.float32).ravel()), dim)
+            .cast(vector),
+        }
+    )
