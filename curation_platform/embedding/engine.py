@@ -13,12 +13,11 @@ import multiprocessing
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import pyarrow as pa
 import torch
 
 from curation_platform.embedding.loader import ChunkDataset, ImagePreprocessor, plan_chunks
-from curation_platform.embedding.sinks import EmbeddingSink
+from curation_platform.embedding.sinks import CommitInfo, EmbeddingSink, record_batch
 from curation_platform.pool import ShardRef
 from curation_platform.storage import S3Settings
 from curation_platform.teachers import Teacher
@@ -54,6 +53,7 @@ class EmbedReport:
     rows: int
     seconds: float
     device: str
+    commit: CommitInfo | None = None
 
     @property
     def pairs_per_second(self) -> float:
@@ -103,7 +103,8 @@ def embed_shards(
             if pending:
                 writer.write(encoder(pending, shard.name))
         reports.append(EmbedReport(shard=shard.name, teacher_id=teacher.teacher_id, rows=samples.num_rows,
-                                   seconds=time.perf_counter() - started, device=str(device)))
+                                   seconds=time.perf_counter() - started, device=str(device),
+                                   commit=sink.last_commit))
     return reports
 
 
@@ -150,20 +151,4 @@ class _BatchEncoder:
         with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
             images = self.teacher.encode_images(pixels)
             texts = self.teacher.encode_texts(tokens)
-        return _record_batch(uids, self.teacher.teacher_id, shard, images.cpu().numpy(), texts.cpu().numpy())
-
-
-def _record_batch(uids: list[str], teacher_id: str, shard: str, images: np.ndarray, texts: np.ndarray) -> pa.RecordBatch:
-    dim = images.shape[1]
-    vector = pa.list_(pa.float32(), dim)
-    return pa.record_batch(
-        {
-            "uid": pa.array(uids, pa.string()),
-            "teacher_id": pa.array([teacher_id] * len(uids), pa.string()),
-            "shard": pa.array([shard] * len(uids), pa.string()),
-            "image_embedding": pa.FixedSizeListArray.from_arrays(pa.array(images.astype(np.float32).ravel()), dim)
-            .cast(vector),
-            "text_embedding": pa.FixedSizeListArray.from_arrays(pa.array(texts.astype(np.float32).ravel()), dim)
-            .cast(vector),
-        }
-    )
+        return record_batch(uids, self.teacher.teacher_id, shard, images.cpu().numpy(), texts.cpu().numpy())

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import pyarrow as pa
 
 from curation_platform import storage
@@ -39,6 +40,23 @@ def embedding_schema(dim: int) -> pa.Schema:
     )
 
 
+def record_batch(uids: list[str], teacher_id: str, shard: str, images: np.ndarray, texts: np.ndarray) -> pa.RecordBatch:
+    """Rows of the embeddings schema from float32 (N, d) arrays."""
+    dim = images.shape[1]
+    vector = pa.list_(pa.float32(), dim)
+    return pa.record_batch(
+        {
+            "uid": pa.array(uids, pa.string()),
+            "teacher_id": pa.array([teacher_id] * len(uids), pa.string()),
+            "shard": pa.array([shard] * len(uids), pa.string()),
+            "image_embedding": pa.FixedSizeListArray.from_arrays(pa.array(images.astype(np.float32).ravel()), dim)
+            .cast(vector),
+            "text_embedding": pa.FixedSizeListArray.from_arrays(pa.array(texts.astype(np.float32).ravel()), dim)
+            .cast(vector),
+        }
+    )
+
+
 @dataclass(frozen=True)
 class CommitInfo:
     rows: int
@@ -46,12 +64,11 @@ class CommitInfo:
     version: int | None = None
 
 
-class ShardWriter(Protocol):
-    def write(self, batch: pa.RecordBatch) -> None: ...
-
-
 class EmbeddingSink(Protocol):
-    """Opens a writer for one (shard, teacher); the context commits on success only."""
+    """Opens a writer for one (shard, teacher); the context commits on success only and then
+    sets ``last_commit``."""
+
+    last_commit: CommitInfo | None
 
     def shard_writer(self, shard: str, teacher_id: str, dim: int) -> Any: ...
 
@@ -93,16 +110,16 @@ class NullSink:
 
     def __init__(self) -> None:
         self.rows = 0
+        self.last_commit: CommitInfo | None = None
 
     @contextmanager
     def shard_writer(self, shard: str, teacher_id: str, dim: int) -> Iterator[NullSink]:
+        before = self.rows
         yield self
+        self.last_commit = CommitInfo(rows=self.rows - before, location="null")
 
     def write(self, batch: pa.RecordBatch) -> None:
         self.rows += batch.num_rows
-
-    def commit_info(self) -> CommitInfo:
-        return CommitInfo(rows=self.rows, location="null")
 
 
 class ArrowSink:
@@ -171,6 +188,11 @@ class LanceSink:
                 "give this teacher its own table name"
             )
         return table
+
+    def read_shard(self, shard: str, teacher_id: str, dim: int, columns: list[str] | None = None) -> pa.Table:
+        """One shard's rows for one teacher (a fresh handle, so other writers' commits are seen)."""
+        condition = f"shard = {_sql_string(shard)} AND teacher_id = {_sql_string(teacher_id)}"
+        return self.open_table(dim).to_lance().to_table(columns=columns, filter=condition)
 
     @contextmanager
     def shard_writer(self, shard: str, teacher_id: str, dim: int) -> Iterator[_StagedWriter]:
