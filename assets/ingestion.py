@@ -5,7 +5,8 @@ import json
 import dagster as dg
 
 from assets.resources import PlatformResource
-from curation_platform.ingest import ingest_shard, make_executor, write_ingestion
+from curation_platform import storage
+from curation_platform.ingest import ingest_shard, make_executor, output_paths, write_ingestion
 
 shard_partitions = dg.DynamicPartitionsDefinition(name="shards")
 
@@ -52,10 +53,8 @@ def validated_samples(context: dg.AssetExecutionContext, platform: PlatformResou
 @dg.asset_check(asset=validated_samples, partitions_def=shard_partitions, blocking=True,
                 description="accepted + quarantined equals every sample the shard mentions; no shard-level errors.")
 def shard_reconciles(context: dg.AssetCheckExecutionContext, platform: PlatformResource) -> dg.AssetCheckResult:
-    from curation_platform import storage
-
-    report = json.loads(storage.read_bytes(
-        storage.join(platform.validated_uri, "reports", f"{context.partition_key}.json"), platform.s3))
+    report_uri = output_paths(platform.validated_uri, platform.shard(context.partition_key).name)["report"]
+    report = json.loads(storage.read_bytes(report_uri, platform.s3))
     reconciles = report["accepted"] + report["quarantined"] == report["total"]
     return dg.AssetCheckResult(
         passed=reconciles and not report["errors"],

@@ -10,6 +10,8 @@ import dagster as dg
 from curation_platform import storage
 from curation_platform.pool import ChecksumCache, ShardRef, discover_shards
 from curation_platform.storage import S3Settings
+from curation_platform.embedding.engine import EmbedConfig
+from curation_platform.teachers import TeacherSpec
 from curation_platform.validation import ValidationLimits
 
 
@@ -41,6 +43,19 @@ class PlatformResource(dg.ConfigurableResource):
         return storage.join(self.home, "validated")
 
     @property
+    def lancedb_uri(self) -> str:
+        return storage.join(self.home, "lancedb")
+
+    @property
+    def reference_uri(self) -> str:
+        """The trusted split a self-trained teacher learns from (the demo's clean reference split)."""
+        return storage.join(self.home, "demo", "reference")
+
+    @property
+    def trained_teacher_uri(self) -> str:
+        return storage.join(self.home, "teacher")
+
+    @property
     def s3(self) -> S3Settings:
         return S3Settings.from_env()
 
@@ -68,3 +83,30 @@ class PlatformResource(dg.ConfigurableResource):
             if shard.partition_key == partition_key:
                 return shard
         raise dg.Failure(f"shard {partition_key!r} is no longer in the pool {self.pool}")
+
+
+class TeacherResource(dg.ConfigurableResource):
+    """Which teacher embeds the pool: a checkpoint/teacher directory, or an open_clip tag.
+
+    With nothing set, the platform trains its own teacher (the ``teacher`` asset) and uses it.
+    """
+
+    checkpoint: str | None = None
+    architecture: str | None = None
+    pretrained: str | None = None
+    device: str = "auto"
+    batch_size: int = 256
+    workers: int = 2
+    table: str = "embeddings"
+
+    @property
+    def trains_its_own(self) -> bool:
+        return not (self.checkpoint or self.pretrained)
+
+    def spec(self, platform: PlatformResource) -> TeacherSpec:
+        if self.trains_its_own:
+            return TeacherSpec(checkpoint=platform.trained_teacher_uri)
+        return TeacherSpec(architecture=self.architecture, pretrained=self.pretrained, checkpoint=self.checkpoint)
+
+    def embed_config(self) -> EmbedConfig:
+        return EmbedConfig(device=self.device, batch_size=self.batch_size, workers=self.workers)

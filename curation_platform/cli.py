@@ -166,6 +166,65 @@ def ingest(pool_uri: str, out_uri: str, home: str | None, min_side: int, max_pix
     _print_reports(_ingest(_discover(pool_uri, _home(home)), limits, workers, out_uri))
 
 
+def _teacher_options(function):
+    options = [
+        click.option("--teacher", "teacher_checkpoint", default=None,
+                     help="Teacher directory or checkpoint file (local or s3://), e.g. one train-teacher wrote."),
+        click.option("--arch", default=None, help="open_clip architecture (with --pretrained or a checkpoint file)."),
+        click.option("--pretrained", default=None, help="open_clip pretrained tag, e.g. openai (needs hub access)."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def _teacher_spec(teacher_checkpoint: str | None, arch: str | None, pretrained: str | None):
+    from curation_platform.teachers import TeacherSpec
+
+    try:
+        return TeacherSpec(architecture=arch, pretrained=pretrained, checkpoint=teacher_checkpoint)
+    except ValueError as error:
+        raise click.UsageError(str(error)) from error
+
+
+def _embed(pool_uri: str, validated_uri: str, lance_uri: str, table: str, spec, device: str, batch_size: int,
+           workers: int, home: Path | None) -> None:
+    from curation_platform.embedding.engine import EmbedConfig, embed_shards
+    from curation_platform.embedding.sinks import LanceSink
+    from curation_platform.ingest import read_accepted
+    from curation_platform.teachers import load_teacher
+
+    config = EmbedConfig(device=device, batch_size=batch_size, workers=workers)
+    teacher = load_teacher(spec, device=config.resolved_device())
+    click.echo(f"teacher {teacher.teacher_id}: {teacher.spec.describe()}, a = {teacher.logit_scale:.1f}")
+    sink = LanceSink(lance_uri, table=table)
+    jobs = [(shard, read_accepted(validated_uri, shard)) for shard in _discover(pool_uri, home)]
+    started = time.perf_counter()
+    with tqdm(total=sum(samples.num_rows for _, samples in jobs), desc="embedding", unit="pair",
+              file=sys.stderr) as bar:
+        embed_shards(teacher, jobs, sink, config, on_shard=lambda report: bar.update(report.rows))
+    rows = sum(samples.num_rows for _, samples in jobs)
+    seconds = time.perf_counter() - started
+    click.echo(f"embedded {rows} pairs of {len(jobs)} shards into {lance_uri}/{table} in {seconds:.1f} s "
+               f"({rows / max(seconds, 1e-9):.0f} pairs/s on {config.resolved_device()})")
+
+
+@main.command()
+@click.argument("pool_uri")
+@click.option("--validated", "validated_uri", required=True, help="Where `ingest --out` wrote validated samples.")
+@click.option("--lance", "lance_uri", required=True, help="LanceDB database (local path or s3:// URI).")
+@click.option("--table", default="embeddings", show_default=True, help="LanceDB table name.")
+@_teacher_options
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--batch-size", type=int, default=256, show_default=True, help="Pairs per forward pass.")
+@click.option("--workers", type=int, default=2, show_default=True, help="Decode/tokenize worker processes.")
+def embed(pool_uri: str, validated_uri: str, lance_uri: str, table: str, teacher_checkpoint: str | None,
+          arch: str | None, pretrained: str | None, device: str, batch_size: int, workers: int) -> None:
+    """Embed every validated shard of a pool with a teacher into LanceDB (idempotent per shard)."""
+    _embed(pool_uri, validated_uri, lance_uri, table, _teacher_spec(teacher_checkpoint, arch, pretrained),
+           device, batch_size, workers, None)
+
+
 @main.command()
 @click.option("--home", default=None, help=f"Project home (default ./{DEFAULT_HOME}) [env CURATION_HOME].")
 @click.option("--shards", type=int, default=4, show_default=True, help="Shards in the demo pool.")

@@ -387,18 +387,35 @@ def _parquet_bytes(table: pa.Table) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
+def output_paths(out_uri: str, shard_name: str) -> dict[str, str]:
+    """Where :func:`write_ingestion` puts a shard's files."""
+    name = partition_key_for(shard_name)
+    return {
+        "samples": storage.join(out_uri, "samples", f"{name}.parquet"),
+        "quarantine": storage.join(out_uri, "quarantine", f"{name}.parquet"),
+        "report": storage.join(out_uri, "reports", f"{name}.json"),
+    }
+
+
+def read_accepted(out_uri: str, shard: ShardRef, s3: S3Settings | None = None) -> pa.Table:
+    """The accepted samples ingestion wrote for ``shard``; refuses outputs of another shard version."""
+    path = output_paths(out_uri, shard.name)["samples"]
+    if not storage.exists(path, s3):
+        raise FileNotFoundError(f"shard {shard.name} has not been ingested into {out_uri}")
+    filesystem, local = storage.filesystem_for(path, s3)
+    table = pq.read_table(local, filesystem=filesystem)
+    if table.num_rows and set(table.column("shard_id").to_pylist()) != {shard.shard_id}:
+        raise ValueError(f"{path} was validated from another version of shard {shard.name}: re-ingest it")
+    return table
+
+
 def write_ingestion(ingestion: ShardIngestion, out_uri: str, s3: S3Settings | None = None) -> dict[str, str]:
     """Write ``samples/``, ``quarantine/`` and ``reports/`` files for the shard, atomically.
 
     Files are named by the shard's partition key, so re-ingesting (also a replaced shard)
     overwrites exactly that shard's outputs: idempotent, no leftovers.
     """
-    name = partition_key_for(ingestion.report.shard)
-    paths = {
-        "samples": storage.join(out_uri, "samples", f"{name}.parquet"),
-        "quarantine": storage.join(out_uri, "quarantine", f"{name}.parquet"),
-        "report": storage.join(out_uri, "reports", f"{name}.json"),
-    }
+    paths = output_paths(out_uri, ingestion.report.shard)
     storage.write_bytes_atomic(paths["samples"], _parquet_bytes(ingestion.accepted), s3)
     storage.write_bytes_atomic(paths["quarantine"], _parquet_bytes(ingestion.quarantine), s3)
     report = json.dumps(ingestion.report.to_dict(), indent=2, sort_keys=True).encode()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import multiprocessing
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -66,6 +67,7 @@ def embed_shards(
     sink: EmbeddingSink,
     config: EmbedConfig = EmbedConfig(),
     s3: S3Settings | None = None,
+    on_shard: Callable[[EmbedReport], None] | None = None,
 ) -> list[EmbedReport]:
     """Embed each shard's accepted samples (ingestion's table) and commit shard by shard.
 
@@ -105,6 +107,8 @@ def embed_shards(
         reports.append(EmbedReport(shard=shard.name, teacher_id=teacher.teacher_id, rows=samples.num_rows,
                                    seconds=time.perf_counter() - started, device=str(device),
                                    commit=sink.last_commit))
+        if on_shard:
+            on_shard(reports[-1])
     return reports
 
 
