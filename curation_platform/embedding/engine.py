@@ -96,11 +96,13 @@ def embed_shards(
         started = time.perf_counter()
         with sink.shard_writer(shard.name, teacher.teacher_id, teacher.embed_dim) as writer:
             pending: list[dict] = []
+            pending_rows = 0
             while lookahead is not None and lookahead["job"] == job:
-                pending.append(lookahead)
-                if sum(len(chunk["uids"]) for chunk in pending) >= config.batch_size:
+                pending.append(encoder.stage(lookahead))
+                pending_rows += len(lookahead["uids"])
+                if pending_rows >= config.batch_size:
                     writer.write(encoder(pending, shard.name))
-                    pending = []
+                    pending, pending_rows = [], 0
                 lookahead = next(batches, None)
             if pending:
                 writer.write(encoder(pending, shard.name))
@@ -136,21 +138,39 @@ def _worker_context() -> multiprocessing.context.BaseContext:
 
 
 class _BatchEncoder:
-    """Chunks -> one device batch -> a RecordBatch of normalised embeddings."""
+    """Chunks -> one device batch -> a RecordBatch of normalised embeddings.
+
+    On CUDA each chunk is copied to the device as soon as it arrives, from pinned memory on a side
+    stream, so host-to-device copies overlap the previous batch's compute; on CPU staging is a no-op.
+    """
 
     def __init__(self, teacher: Teacher, device: torch.device, autocast: torch.dtype | None) -> None:
         self.teacher = teacher
         self.device = device
         self.autocast = autocast
+        self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         pre = teacher.preprocessing
         self.mean = torch.tensor(pre.mean, device=device).view(1, 3, 1, 1) * 255
         self.inv_std = 1 / (torch.tensor(pre.std, device=device).view(1, 3, 1, 1) * 255)
         self.dim = teacher.embed_dim
 
+    def stage(self, chunk: dict) -> dict:
+        if self.copy_stream is None:
+            return chunk
+        with torch.cuda.stream(self.copy_stream):
+            return {**chunk, "pixels": chunk["pixels"].to(self.device, non_blocking=True),
+                    "tokens": chunk["tokens"].to(self.device, non_blocking=True)}
+
     def __call__(self, chunks: list[dict], shard: str) -> pa.RecordBatch:
         uids = [uid for chunk in chunks for uid in chunk["uids"]]
-        pixels = torch.cat([chunk["pixels"] for chunk in chunks]).to(self.device, non_blocking=True)
-        tokens = torch.cat([chunk["tokens"] for chunk in chunks]).to(self.device, non_blocking=True)
+        if self.copy_stream is not None:
+            compute = torch.cuda.current_stream(self.device)
+            compute.wait_stream(self.copy_stream)
+            for chunk in chunks:  # the caching allocator must not recycle these before compute is done
+                chunk["pixels"].record_stream(compute)
+                chunk["tokens"].record_stream(compute)
+        pixels = torch.cat([chunk["pixels"] for chunk in chunks])
+        tokens = torch.cat([chunk["tokens"] for chunk in chunks])
         pixels = (pixels.float() - self.mean) * self.inv_std
         with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
             images = self.teacher.encode_images(pixels)
