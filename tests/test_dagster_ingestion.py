@@ -46,3 +46,29 @@ def test_sensor_and_partition_materialisation(tmp_path: Path, demo_pool_dir: Pat
     third = evaluate(first.cursor)
     assert [request.partition_key for request in third.run_requests] == ["00002"]
     assert list(third.dynamic_partitions_requests[0].partition_keys) == ["00002"]
+
+
+def test_teacher_and_embedding_partition_materialise(tmp_path: Path, demo_pool_dir: Path) -> None:
+    from assets.embeddings import embeddings, embeddings_are_complete_and_unit_norm
+    from assets.resources import TeacherResource
+    from assets.teachers import teacher
+    from tests.test_embedding import tiny_teacher_dir
+
+    platform = PlatformResource(home_uri=str(tmp_path / "home"), pool_uri=str(demo_pool_dir / "pool"),
+                                decode_workers=0)
+    teacher_config = TeacherResource(checkpoint=str(tiny_teacher_dir(tmp_path / "teacher")), device="cpu",
+                                     workers=0, batch_size=64)
+    resources = {"platform": platform, "teacher_config": teacher_config}
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(shard_partitions.name, ["00000"])
+
+    assert dg.materialize([teacher], instance=instance, resources=resources).success
+    result = dg.materialize([validated_samples, embeddings, embeddings_are_complete_and_unit_norm, teacher],
+                            selection=[validated_samples, embeddings], partition_key="00000",
+                            instance=instance, resources=resources)
+    assert result.success
+    metadata = result.asset_materializations_for_node("embeddings")[0].metadata
+    accepted = result.asset_materializations_for_node("validated_samples")[0].metadata["accepted"].value
+    assert metadata["rows"].value == accepted
+    (check,) = result.get_asset_check_evaluations()
+    assert check.passed and check.metadata["rows"].value == accepted

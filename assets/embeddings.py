@@ -1,0 +1,59 @@
+"""Teacher embeddings per shard, in LanceDB, on the ``gpu`` concurrency pool."""
+
+import dagster as dg
+
+from assets.ingestion import shard_partitions, validated_samples
+from assets.resources import PlatformResource, TeacherResource
+from assets.teachers import teacher
+from curation_platform.embedding.engine import embed_shard
+from curation_platform.embedding.quality import embedding_quality
+from curation_platform.embedding.sinks import LanceSink
+from curation_platform.ingest import read_accepted
+from curation_platform.teachers import load_teacher
+
+
+@dg.asset(
+    partitions_def=shard_partitions,
+    deps=[validated_samples, teacher],
+    group_name="embedding",
+    code_version="embed-v1",
+    pool="gpu",
+    kinds={"lancedb", "pytorch"},
+    description="Unit-norm image and text embeddings of a shard's accepted samples, tagged with the teacher_id.",
+)
+def embeddings(context: dg.AssetExecutionContext, platform: PlatformResource,
+               teacher_config: TeacherResource) -> dg.MaterializeResult:
+    shard = platform.shard(context.partition_key)
+    samples = read_accepted(platform.validated_uri, shard, platform.s3)
+    config = teacher_config.embed_config()
+    loaded = load_teacher(teacher_config.spec(platform), device=config.resolved_device(), s3=platform.s3)
+    sink = LanceSink(platform.lancedb_uri, table=teacher_config.table, s3=platform.s3)
+    report = embed_shard(loaded, shard, samples, sink, config, platform.s3)
+    return dg.MaterializeResult(
+        data_version=dg.DataVersion(f"{shard.checksum[:16]}-{loaded.teacher_id}"),
+        metadata={
+            "teacher_id": loaded.teacher_id,
+            "rows": report.rows,
+            "dagster/row_count": report.rows,
+            "device": report.device,
+            "seconds": dg.MetadataValue.float(report.seconds),
+            "pairs_per_second": dg.MetadataValue.float(report.pairs_per_second),
+            "lancedb_table": f"{platform.lancedb_uri}/{teacher_config.table}",
+            "lancedb_version": report.commit.version if report.commit else None,
+            "embed_dim": loaded.embed_dim,
+        },
+    )
+
+
+@dg.asset_check(asset=embeddings, partitions_def=shard_partitions, blocking=True,
+                description="One finite, unit-norm embedding pair of the right dimension per accepted sample.")
+def embeddings_are_complete_and_unit_norm(context: dg.AssetCheckExecutionContext, platform: PlatformResource,
+                                          teacher_config: TeacherResource) -> dg.AssetCheckResult:
+    shard = platform.shard(context.partition_key)
+    samples = read_accepted(platform.validated_uri, shard, platform.s3)
+    loaded = load_teacher(teacher_config.spec(platform), s3=platform.s3)
+    sink = LanceSink(platform.lancedb_uri, table=teacher_config.table, s3=platform.s3)
+    rows = sink.read_shard(shard.name, loaded.teacher_id, loaded.embed_dim,
+                           columns=["uid", "image_embedding", "text_embedding"])
+    quality = embedding_quality(rows, samples.column("uid").to_pylist(), loaded.embed_dim)
+    return dg.AssetCheckResult(passed=quality.passed, metadata=quality.to_dict())
