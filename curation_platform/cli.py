@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -225,6 +226,40 @@ def embed(pool_uri: str, validated_uri: str, lance_uri: str, table: str, teacher
            device, batch_size, workers, None)
 
 
+@main.command("train-teacher")
+@click.argument("reference_uri")
+@click.option("--out", "out_uri", required=True, help="Teacher directory to write (local path or s3:// URI).")
+@click.option("--epochs", type=int, default=None, help="Training epochs (default: TrainingConfig's).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of initialisation, split and order.")
+@click.option("--max-seconds", type=float, default=None, help="Stop training after this long, then evaluate and save.")
+def train_teacher_command(reference_uri: str, out_uri: str, epochs: int | None, seed: int,
+                          max_seconds: float | None) -> None:
+    """Train a small CLIP teacher on a trusted reference split (the data-filtering-network idea)."""
+    from curation_platform.training import TrainingConfig
+
+    config = TrainingConfig(seed=seed)
+    config = replace(config, epochs=epochs or config.epochs, max_seconds=max_seconds or config.max_seconds)
+    _train(reference_uri, out_uri, config)
+
+
+def _train(reference_uri: str, out_uri: str, config) -> None:
+    from curation_platform.training import train_teacher
+
+    with tqdm(total=config.epochs, desc="training teacher", unit="epoch", file=sys.stderr) as bar:
+        def progress(event: dict) -> None:
+            if event.get("stage") == "epoch":
+                bar.update(1)
+                bar.set_postfix(loss=f"{event.get('train_loss', float('nan')):.3f}")
+
+        report = train_teacher(reference_uri, out_uri, config, progress=progress)
+    metrics = report.held_out
+    click.echo(f"teacher {report.teacher_id} written to {out_uri} in {report.seconds_total:.0f} s "
+               f"({report.samples_train} training pairs, {report.epochs_run:g} epochs)")
+    click.echo(f"held-out retrieval on {metrics.samples} pairs: image->text R@1 {metrics.i2t_recall_at_1:.3f} "
+               f"R@5 {metrics.i2t_recall_at_5:.3f}, text->image R@1 {metrics.t2i_recall_at_1:.3f} "
+               f"R@5 {metrics.t2i_recall_at_5:.3f} (chance {metrics.chance_at_1:.4f} / {metrics.chance_at_5:.4f})")
+
+
 @main.command()
 @click.option("--home", default=None, help=f"Project home (default ./{DEFAULT_HOME}) [env CURATION_HOME].")
 @click.option("--shards", type=int, default=4, show_default=True, help="Shards in the demo pool.")
@@ -233,7 +268,7 @@ def embed(pool_uri: str, validated_uri: str, lance_uri: str, table: str, teacher
 @click.option("--workers", type=int, default=min(4, os.cpu_count() or 1), show_default=True,
               help="Worker processes for generation and decoding.")
 def demo(home: str | None, shards: int, samples_per_shard: int, seed: int, workers: int) -> None:
-    """The main job on the embedded default: build the demo pool, then ingest it."""
+    """The main job on the embedded default: demo pool, ingestion, teacher, embeddings."""
     root = _home(home)
     started = time.perf_counter()
     click.echo(f"project home: {root}")
@@ -243,7 +278,19 @@ def demo(home: str | None, shards: int, samples_per_shard: int, seed: int, worke
     validated = root / "validated"
     reports = _ingest(_discover(str(demo_dir / "pool"), root), ValidationLimits(), workers, str(validated))
     _print_reports(reports)
-    click.echo(f"\nvalidated samples: {validated}/samples, quarantine: {validated}/quarantine, "
-               f"reports: {validated}/reports  ({time.perf_counter() - started:.1f} s in all)")
+    click.echo(f"validated samples: {validated}/samples, quarantine: {validated}/quarantine, "
+               f"reports: {validated}/reports")
+
+    from curation_platform.teachers import CONFIG_FILE, TeacherSpec
+    from curation_platform.training import TrainingConfig
+
+    teacher_dir = root / "teacher"
+    if (teacher_dir / CONFIG_FILE).exists():
+        click.echo(f"reusing the teacher in {teacher_dir} (delete it to retrain)")
+    else:
+        _train(str(demo_dir / "reference"), str(teacher_dir), TrainingConfig(seed=seed))
+    _embed(str(demo_dir / "pool"), str(validated), str(root / "lancedb"), "embeddings",
+           TeacherSpec(checkpoint=str(teacher_dir)), "auto", 256, workers, root)
+    click.echo(f"\ndone in {time.perf_counter() - started:.1f} s")
     click.echo("next: `curation-platform validate POOL_URI` lints your own pool; "
                "`dagster dev -w workspace.yaml` opens the asset graph.")

@@ -1,0 +1,141 @@
+"""Teacher training on a small demo reference split: the teacher directory loads back bit-exactly,
+its id is a function of the seed, and held-out retrieval is honest and beats chance."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from curation_platform.demo import DemoPoolConfig, build_demo_pool
+from curation_platform.teachers import CONFIG_FILE, Preprocessing, TeacherSpec, load_teacher
+from curation_platform.training import (
+    ModelConfig,
+    PixelNormaliser,
+    TrainingConfig,
+    TrainingReport,
+    cosine_lr,
+    held_out,
+    load_reference,
+    random_resized_crop,
+    retrieval_metrics,
+    torch_threads,
+    train_teacher,
+)
+
+REFERENCE_SAMPLES = 600
+TINY = TrainingConfig(
+    model=ModelConfig(embed_dim=64, vision_width=64, vision_layers=2, text_width=64, text_heads=1, text_layers=1),
+    epochs=12,
+    batch_size=64,
+    lr=2e-3,
+    warmup_steps=5,
+    held_out_fraction=0.2,
+    seed=0,
+)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> str:
+    root = tmp_path_factory.mktemp("training-demo")
+    build_demo_pool(DemoPoolConfig(out=root, shards=1, samples_per_shard=20, reference_samples=REFERENCE_SAMPLES,
+                                   target_samples=10, eval_samples=20))
+    return str(root / "reference")
+
+
+@pytest.fixture(scope="module")
+def runs(reference: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, TrainingReport]]:
+    """The reference split trained three times: seed 0 twice and seed 1 once."""
+    root = tmp_path_factory.mktemp("teachers")
+    configs = {"seed0": TINY, "seed0-again": TINY, "seed1": replace(TINY, seed=1)}
+    return {name: (root / name, train_teacher(reference, str(root / name), config)) for name, config in configs.items()}
+
+
+def test_teacher_directory_reproduces_the_trained_embeddings(runs: dict[str, tuple[Path, TrainingReport]]) -> None:
+    out, report = runs["seed0"]
+    teacher = load_teacher(TeacherSpec(checkpoint=str(out)))
+    assert teacher.preprocessing == Preprocessing.from_open_clip(TINY.model.preprocess_cfg())
+    assert teacher.context_length == TINY.model.context_length
+    with torch_threads(TINY.threads):
+        data = load_reference(report.reference_uri, teacher.preprocessing, teacher.tokenizer)
+        evaluation = data.subset(held_out(data.uids, TINY.held_out_fraction, TINY.seed))
+        pixels = PixelNormaliser(teacher.preprocessing)(evaluation.pixels)
+        images, texts = teacher.encode_images(pixels), teacher.encode_texts(evaluation.tokens)
+    # The report was computed from the in-memory model right after training: equal floats mean equal embeddings.
+    assert retrieval_metrics(images, texts, evaluation.tokens, teacher.logit_scale) == report.held_out
+    assert teacher.logit_scale == pytest.approx(report.logit_scale, rel=1e-6)
+    saved = json.loads((out / CONFIG_FILE).read_text())
+    assert saved["training"]["held_out"] == report.to_dict()["held_out"]
+
+
+def test_teacher_id_is_stable_and_depends_on_the_seed(runs: dict[str, tuple[Path, TrainingReport]]) -> None:
+    first, again, other = (load_teacher(TeacherSpec(checkpoint=str(runs[name][0])))
+                           for name in ("seed0", "seed0-again", "seed1"))
+    assert first.teacher_id == load_teacher(TeacherSpec(checkpoint=str(runs["seed0"][0]))).teacher_id
+    assert first.teacher_id == runs["seed0"][1].teacher_id
+    assert again.teacher_id == first.teacher_id  # same seed, same CPU: bit-identical weights
+    assert other.teacher_id != first.teacher_id
+
+
+def test_report_is_consistent_and_beats_chance(runs: dict[str, tuple[Path, TrainingReport]]) -> None:
+    report = runs["seed0"][1]
+    metrics = report.held_out
+    assert report.samples_train + report.samples_held_out == REFERENCE_SAMPLES
+    assert metrics.samples == report.samples_held_out
+    assert 0.1 < report.samples_held_out / REFERENCE_SAMPLES < 0.3
+    assert metrics.chance_at_1 == 1 / metrics.samples and metrics.chance_at_5 == 5 / metrics.samples
+    recalls = [metrics.i2t_recall_at_1, metrics.i2t_recall_at_5, metrics.t2i_recall_at_1, metrics.t2i_recall_at_5]
+    assert all(0.0 <= value <= 1.0 for value in recalls)
+    assert metrics.i2t_recall_at_1 <= metrics.i2t_recall_at_5 and metrics.t2i_recall_at_1 <= metrics.t2i_recall_at_5
+    assert report.epochs_run == TINY.epochs and not report.time_capped and len(report.curve) == TINY.epochs
+    assert report.curve[-1].train_loss < report.curve[0].train_loss
+    assert metrics.i2t_recall_at_5 >= 3 * metrics.chance_at_5
+    assert metrics.t2i_recall_at_5 >= 3 * metrics.chance_at_5
+
+
+def test_held_out_split_follows_uid_hash_not_position() -> None:
+    uids = [f"{index:032x}" for index in range(4000)]
+    mask = held_out(uids, 0.1, seed=0)
+    assert 0.08 < mask.float().mean() < 0.12
+    assert torch.equal(held_out(uids[::-1], 0.1, seed=0), mask.flip(0))
+    assert torch.equal(held_out(uids[1000:], 0.1, seed=0), mask[1000:])  # growing the split moves nobody
+    assert not torch.equal(held_out(uids, 0.1, seed=1), mask)
+
+
+def test_retrieval_metrics_score_perfect_and_collapsed_models() -> None:
+    tokens = torch.arange(40).view(20, 2)
+    perfect = torch.eye(20)
+    perfect_metrics = retrieval_metrics(perfect, perfect, tokens, logit_scale=100.0)
+    assert perfect_metrics.i2t_recall_at_1 == perfect_metrics.t2i_recall_at_1 == 1.0
+    collapsed = torch.nn.functional.normalize(torch.ones(20, 4), dim=-1)
+    collapsed_metrics = retrieval_metrics(collapsed, collapsed, tokens, logit_scale=100.0)
+    assert collapsed_metrics.i2t_recall_at_5 == collapsed_metrics.t2i_recall_at_5 == 0.0
+    duplicated = tokens.clone()
+    duplicated[1] = duplicated[0]  # two samples share a caption: either text is a correct match
+    swapped = perfect[[1, 0, *range(2, 20)]]
+    assert retrieval_metrics(swapped, perfect, duplicated, logit_scale=100.0).i2t_recall_at_1 == 1.0
+
+
+def test_schedule_and_augmentation() -> None:
+    assert cosine_lr(0, 100, 10, 1.0) == pytest.approx(0.1)
+    assert cosine_lr(9, 100, 10, 1.0) == pytest.approx(1.0)
+    assert cosine_lr(99, 100, 10, 1.0) < 0.01
+    pixels = torch.rand(8, 3, 16, 16)
+    generator = torch.Generator().manual_seed(0)
+    assert random_resized_crop(pixels, (1.0, 1.0), generator) is pixels
+    cropped = random_resized_crop(pixels, (0.5, 1.0), generator)
+    assert cropped.shape == pixels.shape and not torch.equal(cropped, pixels)
+    assert cropped.min() >= pixels.min() and cropped.max() <= pixels.max()  # interpolation inside the image
+
+
+def test_time_cap_stops_training_but_still_evaluates_and_saves(reference: str, tmp_path: Path) -> None:
+    events: list[dict] = []
+    report = train_teacher(reference, str(tmp_path / "capped"), replace(TINY, max_seconds=1e-3), events.append)
+    assert report.time_capped and report.steps == 1 and len(report.curve) == 1
+    assert report.epochs_run == round(1 / (report.samples_train // TINY.batch_size), 3)
+    assert [event["stage"] for event in events] == ["data", "epoch", "saved"]
+    assert events[-1]["teacher_id"] == report.teacher_id
+    assert load_teacher(TeacherSpec(checkpoint=str(tmp_path / "capped"))).teacher_id == report.teacher_id
