@@ -291,6 +291,5 @@ def demo(home: str | None, shards: int, samples_per_shard: int, seed: int, worke
         _train(str(demo_dir / "reference"), str(teacher_dir), TrainingConfig(seed=seed))
     _embed(str(demo_dir / "pool"), str(validated), str(root / "lancedb"), "embeddings",
            TeacherSpec(checkpoint=str(teacher_dir)), "auto", 256, workers, root)
-    click.echo(f"\ndone in {time.perf_counter() - started:.1f} s")
-    click.echo("next: `curation-platform validate POOL_URI` lints your own pool; "
-               "`dagster dev -w workspace.yaml` opens the asset graph.")
+    click.echo(f"\ndone in {time.perf_counter() - started:.1f} s. Next: `curation-platform validate POOL_URI` lints "
+               "your own pool; `dagster dev -w workspace.yaml` opens the asset graph.")
