@@ -1,0 +1,360 @@
+"""Every per-sample score of SCORES.md, chunked to bounded memory, on CPU or GPU.
+
+Inputs are L2-normalised embeddings as torch tensors (any device) or numpy arrays; outputs come
+back in the same kind (numpy in, numpy out; a tensor in, a float64 tensor on its device out).
+Pairwise work never materialises more than ``chunk x chunk`` similarities: reductions over a
+reference set stream over its chunks with running log-sum-exp statistics kept in float64, so
+memory depends on the chunk size, not on the pool or reference size.
+
+Notation as in SCORES.md: ``u`` image and ``v`` text embeddings, ``s(x, y) = <x, y>``,
+``a = exp(logit_scale)`` the teacher's inverse temperature (``tau = 1 / a``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+Array = torch.Tensor | np.ndarray
+DEFAULT_CHUNK = 4096
+
+
+def _tensor(values: Array, device: torch.device | None = None) -> torch.Tensor:
+    tensor = values if isinstance(values, torch.Tensor) else torch.from_numpy(np.asarray(values))
+    return tensor.to(device=device or tensor.device, dtype=torch.float32)
+
+
+def _like(result: torch.Tensor, template: Array) -> Array:
+    return result.cpu().numpy() if isinstance(template, np.ndarray) else result
+
+
+def _chunks(count: int, size: int) -> range:
+    return range(0, count, max(1, size))
+
+
+# -- 1. CLIPScore -------------------------------------------------------------------------------
+
+def clip_score(image: Array, text: Array) -> Array:
+    """``s(u_i, v_i)``: cosine similarity of each pair (unitless, in [-1, 1])."""
+    u, v = _tensor(image), _tensor(text, _tensor(image).device)
+    return _like((u * v).sum(dim=1, dtype=torch.float64), image)
+
+
+# -- streaming log-sum-exp statistics over a reference set ----------------------------------------
+
+@dataclass(frozen=True)
+class LogitStats:
+    """For each query, over ``z_j = a * s(q, r_j)`` (j = 1..N): logsumexp, softmax-mean and mean of z."""
+
+    logsumexp: torch.Tensor
+    softmax_mean: torch.Tensor
+    mean: torch.Tensor
+    count: int
+
+
+def logit_stats(query: Array, reference: Array, logit_scale: float, chunk: int = DEFAULT_CHUNK) -> LogitStats:
+    """One pass over the reference in chunks; running max / sums in float64 (no N x N matrix)."""
+    q = _tensor(query)
+    r = _tensor(reference, q.device)
+    n_ref = r.shape[0]
+    if n_ref == 0:
+        raise ValueError("the reference set is empty")
+    out_lse, out_pmean, out_mean = [], [], []
+    for start in _chunks(q.shape[0], chunk):
+        block = q[start : start + chunk]
+        running_max = torch.full((block.shape[0],), -math.inf, dtype=torch.float64, device=q.device)
+        sum_exp = torch.zeros_like(running_max)
+        sum_exp_z = torch.zeros_like(running_max)
+        sum_z = torch.zeros_like(running_max)
+        for r_start in _chunks(n_ref, chunk):
+            z = (block @ r[r_start : r_start + chunk].T).double() * logit_scale
+            new_max = torch.maximum(running_max, z.max(dim=1).values)
+            rescale = torch.exp(running_max - new_max)
+            weights = torch.exp(z - new_max[:, None])
+            sum_exp = sum_exp * rescale + weights.sum(dim=1)
+            sum_exp_z = sum_exp_z * rescale + (weights * z).sum(dim=1)
+            sum_z += z.sum(dim=1)
+            running_max = new_max
+        out_lse.append(running_max + torch.log(sum_exp))
+        out_pmean.append(sum_exp_z / sum_exp)
+        out_mean.append(sum_z / n_ref)
+    return LogitStats(torch.cat(out_lse), torch.cat(out_pmean), torch.cat(out_mean), n_ref)
+
+
+# -- 4. density ratio ---------------------------------------------------------------------------
+
+def log_density_ratio(
+    image: Array,
+    text: Array,
+    logit_scale: float,
+    reference_text: Array | None = None,
+    reference_image: Array | None = None,
+    chunk: int = DEFAULT_CHUNK,
+) -> dict[str, Array]:
+    """Pointwise mutual information estimates (nats), SCORES.md section 4.
+
+    ``log_ratio_t_given_i = a s(u_i, v_i) - (logsumexp_j a s(u_i, v_j) - log N)`` over the text
+    reference, and ``log_ratio_i_given_t`` likewise over the image reference; each direction is
+    computed when its reference is given.
+    """
+    a = float(logit_scale)
+    u = _tensor(image)
+    v = _tensor(text, u.device)
+    self_logit = (u * v).sum(dim=1, dtype=torch.float64) * a
+    result: dict[str, Array] = {}
+    if reference_text is not None:
+        stats = logit_stats(u, reference_text, a, chunk)
+        result["log_ratio_t_given_i"] = _like(self_logit - (stats.logsumexp - math.log(stats.count)), image)
+    if reference_image is not None:
+        stats = logit_stats(v, reference_image, a, chunk)
+        result["log_ratio_i_given_t"] = _like(self_logit - (stats.logsumexp - math.log(stats.count)), image)
+    if not result:
+        raise ValueError("give reference_text, reference_image or both")
+    return result
+
+
+# -- 5. KL divergences --------------------------------------------------------------------------
+
+def kl_divergence(query: Array, reference: Array, logit_scale: float, chunk: int = DEFAULT_CHUNK) -> Array:
+    """``D_KL(q) = sum_j p_j z_j - (logsumexp_j z_j - log N)``, ``p = softmax(z)`` (nats, in [0, log N]).
+
+    Query one modality against the reference of the other (image -> text reference: D_KL(i)).
+    """
+    stats = logit_stats(query, reference, logit_scale, chunk)
+    return _like(stats.softmax_mean - stats.logsumexp + math.log(stats.count), query)
+
+
+def kl_divergence_reverse(query: Array, reference: Array, logit_scale: float, chunk: int = DEFAULT_CHUNK) -> Array:
+    """``D_KLR(q) = logsumexp_j z_j - log N - mean_j z_j`` (nats, >= 0)."""
+    stats = logit_stats(query, reference, logit_scale, chunk)
+    return _like(stats.logsumexp - math.log(stats.count) - stats.mean, query)
+
+
+@dataclass(frozen=True)
+class WhiteningStats:
+    """``mean_I`` of the image reference and ``Cov_T`` of the text reference (float64)."""
+
+    image_mean: torch.Tensor
+    text_covariance: torch.Tensor
+
+    @classmethod
+    def fit(cls, reference_image: Array, reference_text: Array, chunk: int = DEFAULT_CHUNK) -> WhiteningStats:
+        image = _tensor(reference_image)
+        return cls(_mean(image, chunk), _covariance(_tensor(reference_text, image.device), chunk, centred=True))
+
+
+def whitened_kl(image: Array, stats: WhiteningStats, logit_scale: float) -> Array:
+    """Cheap D_KL(i) approximation ``a^2 (u_i - mean_I)^T Cov_T (u_i - mean_I)`` (nats)."""
+    u = _tensor(image).double() - stats.image_mean.to(_tensor(image).device)
+    quadratic = ((u @ stats.text_covariance.to(u.device)) * u).sum(dim=1)
+    return _like(float(logit_scale) ** 2 * quadratic, image)
+
+
+def _mean(values: torch.Tensor, chunk: int) -> torch.Tensor:
+    total = torch.zeros(values.shape[1], dtype=torch.float64, device=values.device)
+    for start in _chunks(values.shape[0], chunk):
+        total += values[start : start + chunk].double().sum(dim=0)
+    return total / values.shape[0]
+
+
+def _covariance(values: torch.Tensor, chunk: int, centred: bool) -> torch.Tensor:
+    """``(1/n) sum_t (x_t - m)(x_t - m)^T`` (or uncentred second moment), accumulated in float64."""
+    mean = _mean(values, chunk) if centred else torch.zeros(values.shape[1], dtype=torch.float64,
+                                                              device=values.device)
+    second = torch.zeros((values.shape[1], values.shape[1]), dtype=torch.float64, device=values.device)
+    for start in _chunks(values.shape[0], chunk):
+        block = values[start : start + chunk].double() - mean
+        second += block.T @ block
+    return second / values.shape[0]
+
+
+# -- 2. negCLIPLoss -----------------------------------------------------------------------------
+
+def neg_clip_loss(
+    image: Array,
+    text: Array,
+    logit_scale: float,
+    batch_size: int = 32768,
+    repeats: int = 10,
+    seed: int = 0,
+    batches: Array | None = None,
+    reference: tuple[Array, Array] | None = None,
+    chunk: int = DEFAULT_CHUNK,
+) -> Array:
+    """``clip_score(i) - (1/K) sum_k R_{B_k}(i)`` (similarity units), SCORES.md section 2.
+
+    ``R_B(i) = (tau/2) [logsumexp_{j in B} s(u_i, v_j)/tau + logsumexp_{j in B} s(u_j, v_i)/tau]``.
+    Batch-mates come from one of three populations:
+
+    * default: each repetition is a seeded random permutation of the scored samples cut into
+      consecutive batches of ``batch_size`` (the last one may be smaller);
+    * ``batches``: an explicit (K, n) integer array of batch ids per repetition;
+    * ``reference=(ref_image, ref_text)``: sample i's batch is i plus ``batch_size - 1`` pairs
+      drawn (seeded, without replacement, per repetition and chunk) from the global reference,
+      which makes scores comparable across shards.
+    """
+    a = float(logit_scale)
+    u = _tensor(image)
+    v = _tensor(text, u.device)
+    n = u.shape[0]
+    diagonal = (u * v).sum(dim=1, dtype=torch.float64)
+    penalty = torch.zeros(n, dtype=torch.float64, device=u.device)
+    if reference is not None:
+        ref_u, ref_v = _tensor(reference[0], u.device), _tensor(reference[1], u.device)
+        mates = min(batch_size - 1, ref_u.shape[0])
+        generator = torch.Generator().manual_seed(seed)
+        for _ in range(repeats):
+            for start in _chunks(n, chunk):
+                pick = torch.randperm(ref_u.shape[0], generator=generator)[:mates].to(u.device)
+                rows = slice(start, start + chunk)
+                penalty[rows] += _half_sum_lse(u[rows], v[rows], ref_u[pick], ref_v[pick], diagonal[rows], a, chunk)
+        return _like(diagonal - penalty / repeats, image)
+
+    assignment = _batch_assignment(n, batch_size, repeats, seed) if batches is None else _assignment(batches, n)
+    for repetition in assignment:
+        for batch_id in torch.unique(repetition):
+            members = torch.nonzero(repetition == batch_id).flatten().to(u.device)
+            penalty[members] += _batch_penalty(u[members], v[members], a, chunk)
+    return _like(diagonal - penalty / len(assignment), image)
+
+
+def _batch_assignment(n: int, batch_size: int, repeats: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    assignment = torch.empty((repeats, n), dtype=torch.int64)
+    for k in range(repeats):
+        assignment[k, torch.randperm(n, generator=generator)] = torch.arange(n) // batch_size
+    return assignment
+
+
+def _assignment(batches: Array, n: int) -> torch.Tensor:
+    assignment = torch.as_tensor(np.asarray(batches) if not isinstance(batches, torch.Tensor) else batches)
+    assignment = assignment.reshape(-1, n) if assignment.ndim == 1 else assignment
+    if assignment.shape[1] != n:
+        raise ValueError(f"batch assignment has {assignment.shape[1]} columns for {n} samples")
+    return assignment.cpu().long()
+
+
+def _batch_penalty(u: torch.Tensor, v: torch.Tensor, a: float, chunk: int) -> torch.Tensor:
+    """``R_B(i)`` for every member of one batch, rows streamed in chunks (the B x B matrix is never built)."""
+    image_side = _streamed_lse(u, v, a, chunk)  # logsumexp_j a s(u_i, v_j)
+    text_side = _streamed_lse(v, u, a, chunk)   # logsumexp_j a s(u_j, v_i)
+    return (image_side + text_side) / (2 * a)
+
+
+def _half_sum_lse(u: torch.Tensor, v: torch.Tensor, ref_u: torch.Tensor, ref_v: torch.Tensor,
+                  diagonal: torch.Tensor, a: float, chunk: int) -> torch.Tensor:
+    """``R_B(i)`` where B = {i} + the given reference mates."""
+    image_side = torch.logaddexp(_streamed_lse(u, ref_v, a, chunk), diagonal * a)
+    text_side = torch.logaddexp(_streamed_lse(v, ref_u, a, chunk), diagonal * a)
+    return (image_side + text_side) / (2 * a)
+
+
+def _streamed_lse(query: torch.Tensor, keys: torch.Tensor, a: float, chunk: int) -> torch.Tensor:
+    if keys.shape[0] == 0:
+        return torch.full((query.shape[0],), -math.inf, dtype=torch.float64, device=query.device)
+    return logit_stats(query, keys, a, chunk).logsumexp
+
+
+# -- 3. NormSim ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TargetStats:
+    """NormSim target statistics: ``Sigma_T = (1/|T|) sum_t u_t u_t^T`` and ``|T|`` (float64)."""
+
+    second_moment: torch.Tensor
+    count: int
+
+    @classmethod
+    def fit(cls, target_image: Array, chunk: int = DEFAULT_CHUNK) -> TargetStats:
+        target = _tensor(target_image)
+        return cls(_covariance(target, chunk, centred=False), target.shape[0])
+
+
+def norm_sim_2(image: Array, target: TargetStats) -> Array:
+    """``NormSim_2(i) = sqrt(|T| u_i^T Sigma_T u_i) = (sum_t s(u_i, u_t)^2)^(1/2)`` (similarity units)."""
+    u = _tensor(image).double()
+    quadratic = ((u @ target.second_moment.to(u.device)) * u).sum(dim=1).clamp_min(0)
+    return _like(torch.sqrt(target.count * quadratic), image)
+
+
+def norm_sim_inf(image: Array, target_image: Array, chunk: int = DEFAULT_CHUNK) -> Array:
+    """``NormSim_inf(i) = max_t |s(u_i, u_t)|``: similarity to the nearest target image."""
+    u = _tensor(image)
+    t = _tensor(target_image, u.device)
+    best = torch.full((u.shape[0],), -math.inf, dtype=torch.float64, device=u.device)
+    for start in _chunks(u.shape[0], chunk):
+        rows = slice(start, start + chunk)
+        for t_start in _chunks(t.shape[0], chunk):
+            similarity = (u[rows] @ t[t_start : t_start + chunk].T).abs().max(dim=1).values.double()
+            best[rows] = torch.maximum(best[rows], similarity)
+    return _like(best, image)
+
+
+def norm_sim(image: Array, target_image: Array, p: Literal[2, "inf"], chunk: int = DEFAULT_CHUNK) -> Array:
+    """``NormSim_p`` for p = 2 (via the target second moment) or p = inf (nearest target)."""
+    if p == 2:
+        return norm_sim_2(image, TargetStats.fit(target_image, chunk))
+    if p == "inf":
+        return norm_sim_inf(image, target_image, chunk)
+    raise ValueError(f"p must be 2 or 'inf', got {p!r}")
+
+
+def norm_sim_dynamic(image: Array, keep: int, num_iters: int = 10, sample_fraction: float = 0.1,
+                     seed: int = 0) -> np.ndarray:
+    """NormSim-D: indices (sorted) of the ``keep`` candidates that survive iterative pruning.
+
+    Each iteration scores the current subset by ``u^T Sigma u`` with ``Sigma`` the second moment of
+    a seeded random ``sample_fraction`` of the current subset, drops the lowest
+    ``ceil((n0 - keep) / num_iters)``; the last iteration keeps exactly ``keep``.
+    """
+    u = _tensor(image)
+    n0 = u.shape[0]
+    if not 0 < keep <= n0:
+        raise ValueError(f"keep must be in 1..{n0}, got {keep}")
+    generator = torch.Generator().manual_seed(seed)
+    current = torch.arange(n0)
+    step = math.ceil((n0 - keep) / max(1, num_iters))
+    for iteration in range(num_iters):
+        if current.numel() <= keep:
+            break
+        sample_size = max(1, int(round(sample_fraction * current.numel())))
+        sample = current[torch.randperm(current.numel(), generator=generator)[:sample_size]]
+        sigma = _covariance(u[sample.to(u.device)], DEFAULT_CHUNK, centred=False)
+        members = u[current.to(u.device)].double()
+        scores = ((members @ sigma) * members).sum(dim=1).cpu()
+        survivors = keep if iteration == num_iters - 1 else max(keep, current.numel() - step)
+        order = torch.argsort(scores, descending=True, stable=True)
+        current = current[order[:survivors]]
+    return np.sort(current.numpy())
+
+
+# -- 6. importance weights ----------------------------------------------------------------------
+
+WeightMode = Literal["raw", "self_normalised", "clipped"]
+
+
+def importance_weights(image: Array, prompt_embedding: Array, scale: float = 10.0, mode: WeightMode = "raw",
+                       clip_at: float = 10.0) -> Array:
+    """``w(i) = exp(a_w s(u_i, v*))`` for a domain prompt embedding ``v*`` (unitless ratio).
+
+    ``raw`` is the published form (``a_w = 10``, not normalised); ``self_normalised`` divides by
+    the mean over the given samples; ``clipped`` caps the self-normalised weight at ``clip_at``.
+    Weights are computed from log weights so large scales cannot overflow.
+    """
+    u = _tensor(image)
+    prompt = _tensor(prompt_embedding, u.device).reshape(-1)
+    log_weights = (u @ prompt).double() * float(scale)
+    if mode == "raw":
+        return _like(torch.exp(log_weights), image)
+    log_mean = torch.logsumexp(log_weights, dim=0) - math.log(log_weights.numel())
+    normalised = torch.exp(log_weights - log_mean)
+    if mode == "self_normalised":
+        return _like(normalised, image)
+    if mode == "clipped":
+        return _like(normalised.clamp_max(clip_at), image)
+    raise ValueError(f"mode must be raw, self_normalised or clipped, got {mode!r}")
+
