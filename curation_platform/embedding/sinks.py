@@ -9,9 +9,7 @@ rows for that teacher: no duplicates, no leftovers.
 from __future__ import annotations
 
 import os
-import random
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,10 +19,11 @@ from typing import Any, Protocol
 import numpy as np
 import pyarrow as pa
 
-from curation_platform import storage
+from curation_platform import lance_tables, storage
 from curation_platform.storage import S3Settings
 
 EMBEDDINGS_TABLE = "embeddings"
+PRIMARY_KEY = ("uid", "teacher_id")
 
 
 def embedding_schema(dim: int) -> pa.Schema:
@@ -148,10 +147,8 @@ class ArrowSink:
 class LanceSink:
     """The ``embeddings`` table of a LanceDB database (local path or ``s3://``).
 
-    One commit per shard: ``merge_insert`` on the primary key (uid, teacher_id) updates and inserts
-    the staged rows and deletes the shard's rows for that teacher that are not in them. Writers of
-    different shards may commit at once (from different processes or machines); a commit conflict
-    is retried with jittered backoff.
+    One commit per shard through :func:`curation_platform.lance_tables.replace_partition` on the
+    primary key (uid, teacher_id).
     """
 
     def __init__(self, uri: str, table: str = EMBEDDINGS_TABLE, s3: S3Settings | None = None,
@@ -162,25 +159,11 @@ class LanceSink:
         self.max_attempts = max_attempts
         self.last_commit: CommitInfo | None = None
 
-    def connect(self) -> Any:
-        import lancedb
-
-        if storage.is_s3(self.uri):
-            return lancedb.connect(self.uri, storage_options=(self.s3 or S3Settings.from_env()).storage_options())
-        return lancedb.connect(self.uri)
-
     def open_table(self, dim: int) -> Any:
         """Open (or create) the table, checking that its vectors have this teacher's dimension."""
-        database = self.connect()
         schema = embedding_schema(dim)
-        try:
-            table = database.open_table(self.table_name)
-        except (FileNotFoundError, ValueError):
-            try:
-                table = database.create_table(self.table_name, schema=schema)
-                table.set_unenforced_primary_key(["uid", "teacher_id"])
-            except (OSError, ValueError, RuntimeError):
-                table = database.open_table(self.table_name)  # another writer created it first
+        table = lance_tables.open_or_create(lance_tables.connect(self.uri, self.s3), self.table_name, schema,
+                                            PRIMARY_KEY)
         existing = table.schema.field("image_embedding").type
         if existing != schema.field("image_embedding").type:
             raise ValueError(
@@ -191,7 +174,7 @@ class LanceSink:
 
     def read_shard(self, shard: str, teacher_id: str, dim: int, columns: list[str] | None = None) -> pa.Table:
         """One shard's rows for one teacher (a fresh handle, so other writers' commits are seen)."""
-        condition = f"shard = {_sql_string(shard)} AND teacher_id = {_sql_string(teacher_id)}"
+        condition = lance_tables.partition_condition(shard, teacher_id)
         return self.open_table(dim).to_lance().to_table(columns=columns, filter=condition)
 
     @contextmanager
@@ -204,29 +187,8 @@ class LanceSink:
             staged.discard()
 
     def _commit(self, shard: str, teacher_id: str, dim: int, staged: _StagedWriter) -> CommitInfo:
-        condition = f"shard = {_sql_string(shard)} AND teacher_id = {_sql_string(teacher_id)}"
-        for attempt in range(1, self.max_attempts + 1):
-            table = self.open_table(dim)
-            try:
-                (
-                    table.merge_insert(["uid", "teacher_id"])
-                    .when_matched_update_all()
-                    .when_not_matched_insert_all()
-                    .when_not_matched_by_source_delete(condition)
-                    .execute(staged.reader())
-                )
-                return CommitInfo(rows=staged.rows, location=f"{self.uri}/{self.table_name}", version=table.version)
-            except (OSError, RuntimeError, ValueError) as error:
-                if attempt == self.max_attempts or not _is_conflict(error):
-                    raise
-                time.sleep(min(2.0, 0.05 * 2**attempt) * (0.5 + random.random()))
-        raise AssertionError("unreachable")
-
-
-def _is_conflict(error: Exception) -> bool:
-    text = str(error).lower()
-    return any(word in text for word in ("conflict", "retryable", "concurrent", "precondition", "already exists"))
-
-
-def _sql_string(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
+        version = lance_tables.replace_partition(
+            lambda: self.open_table(dim), PRIMARY_KEY, lance_tables.partition_condition(shard, teacher_id),
+            staged.reader, self.max_attempts,
+        )
+        return CommitInfo(rows=staged.rows, location=f"{self.uri}/{self.table_name}", version=version)

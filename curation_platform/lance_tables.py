@@ -1,0 +1,84 @@
+"""LanceDB tables the platform writes: connect, create with a primary key, replace one partition.
+
+Every per-shard table (embeddings, scores) is written the same way: one ``merge_insert`` on the
+primary key that updates and inserts the new rows and deletes the partition's rows that are not
+among them, so a commit replaces exactly one (shard, teacher) and nothing else. Writers of
+different partitions may commit at once from different processes or machines (LanceDB commits by
+conditional PUT on S3); a commit conflict is retried with jittered backoff.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pyarrow as pa
+
+from curation_platform import storage
+from curation_platform.storage import S3Settings
+
+
+def connect(uri: str, s3: S3Settings | None = None) -> Any:
+    import lancedb
+
+    if storage.is_s3(uri):
+        return lancedb.connect(uri, storage_options=(s3 or S3Settings.from_env()).storage_options())
+    return lancedb.connect(uri)
+
+
+def open_or_create(database: Any, name: str, schema: pa.Schema, primary_key: Sequence[str]) -> Any:
+    """Open ``name``, creating it (non-nullable key columns, unenforced primary key) when absent."""
+    try:
+        return database.open_table(name)
+    except (FileNotFoundError, ValueError):
+        try:
+            table = database.create_table(name, schema=schema)
+            table.set_unenforced_primary_key(list(primary_key))
+            return table
+        except (OSError, ValueError, RuntimeError):
+            return database.open_table(name)  # another writer created it first
+
+
+def replace_partition(
+    open_table: Callable[[], Any],
+    primary_key: Sequence[str],
+    condition: str,
+    rows: Callable[[], pa.RecordBatchReader],
+    max_attempts: int = 8,
+) -> int:
+    """Make the rows matching ``condition`` exactly ``rows()``; returns the committed table version.
+
+    ``open_table`` and ``rows`` are called again on every attempt (a fresh handle sees the other
+    writers' commits; a reader can be consumed once).
+    """
+    for attempt in range(1, max_attempts + 1):
+        table = open_table()
+        try:
+            (
+                table.merge_insert(list(primary_key))
+                .when_matched_update_all()
+                .when_not_matched_insert_all()
+                .when_not_matched_by_source_delete(condition)
+                .execute(rows())
+            )
+            return int(table.version)
+        except (OSError, RuntimeError, ValueError) as error:
+            if attempt == max_attempts or not _is_conflict(error):
+                raise
+            time.sleep(min(2.0, 0.05 * 2**attempt) * (0.5 + random.random()))
+    raise AssertionError("unreachable")
+
+
+def partition_condition(shard: str, teacher_id: str) -> str:
+    return f"shard = {sql_string(shard)} AND teacher_id = {sql_string(teacher_id)}"
+
+
+def sql_string(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _is_conflict(error: Exception) -> bool:
+    text = str(error).lower()
+    return any(word in text for word in ("conflict", "retryable", "concurrent", "precondition", "already exists"))
