@@ -28,15 +28,29 @@ def connect(uri: str, s3: S3Settings | None = None) -> Any:
     return lancedb.connect(uri)
 
 
+def with_primary_key(schema: pa.Schema, primary_key: Sequence[str]) -> pa.Schema:
+    """Mark the key columns (non-nullable) as Lance's unenforced primary key, in order."""
+    fields = []
+    for field in schema:
+        if field.name in primary_key:
+            metadata = {**(field.metadata or {}), b"lance-schema:unenforced-primary-key": b"true",
+                        b"lance-schema:unenforced-primary-key:position": str(primary_key.index(field.name)).encode()}
+            field = field.with_nullable(False).with_metadata(metadata)
+        fields.append(field)
+    return pa.schema(fields, metadata=schema.metadata)
+
+
 def open_or_create(database: Any, name: str, schema: pa.Schema, primary_key: Sequence[str]) -> Any:
-    """Open ``name``, creating it (non-nullable key columns, unenforced primary key) when absent."""
+    """Open ``name``, creating it when absent with the primary key in its very first version.
+
+    The key must be there from version 1: a writer that commits against a version without it gets
+    no duplicate detection, and concurrent ``merge_insert`` of the same keys then duplicates rows.
+    """
     try:
         return database.open_table(name)
     except (FileNotFoundError, ValueError):
         try:
-            table = database.create_table(name, schema=schema)
-            table.set_unenforced_primary_key(list(primary_key))
-            return table
+            return database.create_table(name, schema=with_primary_key(schema, list(primary_key)))
         except (OSError, ValueError, RuntimeError):
             return database.open_table(name)  # another writer created it first
 

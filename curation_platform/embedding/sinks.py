@@ -23,13 +23,20 @@ from curation_platform import lance_tables, storage
 from curation_platform.storage import S3Settings
 
 EMBEDDINGS_TABLE = "embeddings"
-PRIMARY_KEY = ("uid", "teacher_id")
+PRIMARY_KEY = ("row_key",)
+
+
+def row_keys(teacher_id: str, uids: list[str]) -> list[str]:
+    """The single-column primary key ``teacher_id/uid``: LanceDB detects concurrent writes of the same
+    keys only for a single-column key (compound keys are not supported), so (uid, teacher) is fused."""
+    return [f"{teacher_id}/{uid}" for uid in uids]
 
 
 def embedding_schema(dim: int) -> pa.Schema:
     vector = pa.list_(pa.float32(), dim)
     return pa.schema(
         [
+            pa.field("row_key", pa.string(), nullable=False),
             pa.field("uid", pa.string(), nullable=False),
             pa.field("teacher_id", pa.string(), nullable=False),
             pa.field("shard", pa.string(), nullable=False),
@@ -45,6 +52,7 @@ def record_batch(uids: list[str], teacher_id: str, shard: str, images: np.ndarra
     vector = pa.list_(pa.float32(), dim)
     return pa.record_batch(
         {
+            "row_key": pa.array(row_keys(teacher_id, uids), pa.string()),
             "uid": pa.array(uids, pa.string()),
             "teacher_id": pa.array([teacher_id] * len(uids), pa.string()),
             "shard": pa.array([shard] * len(uids), pa.string()),
@@ -148,7 +156,7 @@ class LanceSink:
     """The ``embeddings`` table of a LanceDB database (local path or ``s3://``).
 
     One commit per shard through :func:`curation_platform.lance_tables.replace_partition` on the
-    primary key (uid, teacher_id).
+    primary key ``row_key = teacher_id/uid``.
     """
 
     def __init__(self, uri: str, table: str = EMBEDDINGS_TABLE, s3: S3Settings | None = None,
