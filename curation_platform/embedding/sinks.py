@@ -129,6 +129,27 @@ class NullSink:
         self.rows += batch.num_rows
 
 
+class MemorySink:
+    """Keeps committed shards in memory (small sets such as a NormSim target)."""
+
+    def __init__(self) -> None:
+        self.tables: dict[tuple[str, str], pa.Table] = {}
+        self.last_commit: CommitInfo | None = None
+
+    @contextmanager
+    def shard_writer(self, shard: str, teacher_id: str, dim: int) -> Iterator[_StagedWriter]:
+        staged = _StagedWriter(embedding_schema(dim))
+        try:
+            yield staged
+            self.tables[(shard, teacher_id)] = staged.reader().read_all()
+            self.last_commit = CommitInfo(rows=staged.rows, location="memory")
+        finally:
+            staged.discard()
+
+    def table(self) -> pa.Table:
+        return pa.concat_tables(self.tables.values())
+
+
 class ArrowSink:
     """``<root>/<teacher_id>/<shard>.arrow`` files, replaced atomically per shard."""
 

@@ -1,0 +1,105 @@
+"""Score a whole pool: draw/load the artefacts once, then score and store shard after shard."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from curation_platform import lance_tables
+from curation_platform.embedding.engine import EmbedConfig, embed_shards
+from curation_platform.embedding.sinks import EMBEDDINGS_TABLE, MemorySink
+from curation_platform.ingest import ingest_shard
+from curation_platform.pool import discover_shards
+from curation_platform.scoring.pipeline import (
+    REFERENCE_TABLE,
+    TARGET_TABLE,
+    EmbeddingSet,
+    ScoreParams,
+    ScoringContext,
+    draw_reference,
+    save_set,
+    score_rows,
+    target_set,
+    write_scores,
+)
+from curation_platform.storage import S3Settings
+from curation_platform.teachers import Teacher
+
+
+@dataclass(frozen=True)
+class ShardScores:
+    shard: str
+    rows: int
+    version: int
+
+
+def embed_target(teacher: Teacher, target_uri: str, config: EmbedConfig = EmbedConfig(),
+                 s3: S3Settings | None = None) -> EmbeddingSet:
+    """Validate and embed a target image set (shards) in memory: the NormSim target."""
+    sink = MemorySink()
+    jobs = [(shard, ingest_shard(shard, s3=s3).accepted) for shard in discover_shards(target_uri, s3=s3)]
+    embed_shards(teacher, jobs, sink, config, s3)
+    return target_set(sink.table(), teacher.teacher_id, target_uri)
+
+
+def build_context(teacher: Teacher, lance_uri: str, params: ScoreParams, target: EmbeddingSet | None = None,
+                  table: str = EMBEDDINGS_TABLE, s3: S3Settings | None = None) -> ScoringContext:
+    """Draw the reference from the pool's stored embeddings, store the artefacts, embed the prompts."""
+    embeddings = lance_tables.connect(lance_uri, s3).open_table(table).to_lance()
+    batches = embeddings.to_batches(columns=["uid", "image_embedding", "text_embedding"],
+                                    filter=f"teacher_id = {lance_tables.sql_string(teacher.teacher_id)}")
+    reference = draw_reference(iter(batches), teacher.teacher_id, params.reference_size, params.reference_seed)
+    save_set(lance_uri, REFERENCE_TABLE, reference, s3)
+    if target is not None:
+        save_set(lance_uri, TARGET_TABLE, target, s3)
+    prompts = {}
+    if params.prompts:
+        tokens = teacher.tokenize(list(params.prompts)).to(teacher.device)
+        encoded = teacher.encode_texts(tokens).cpu().numpy()
+        prompts = {prompt: vector for prompt, vector in zip(params.prompts, encoded, strict=True)}
+    return ScoringContext(teacher.teacher_id, teacher.logit_scale, params, reference, target, prompts)
+
+
+def score_pool(context: ScoringContext, lance_uri: str, shards: list[str] | None = None,
+               table: str = EMBEDDINGS_TABLE, s3: S3Settings | None = None,
+               on_shard: Callable[[ShardScores], None] | None = None) -> list[ShardScores]:
+    """Score every stored shard of the teacher (or the named ones) and replace their score rows."""
+    embeddings = lance_tables.connect(lance_uri, s3).open_table(table).to_lance()
+    teacher_filter = f"teacher_id = {lance_tables.sql_string(context.teacher_id)}"
+    if shards is None:
+        names = embeddings.to_table(columns=["shard"], filter=teacher_filter).column("shard")
+        shards = sorted(set(names.to_pylist()))
+    results = []
+    for shard in shards:
+        rows = embeddings.to_table(columns=["uid", "shard", "image_embedding", "text_embedding"],
+                                   filter=f"{teacher_filter} AND shard = {lance_tables.sql_string(shard)}")
+        scored = score_rows(rows, context)
+        version = write_scores(lance_uri, scored, shard, context.teacher_id, list(context.params.prompts), s3)
+        results.append(ShardScores(shard, scored.num_rows, version))
+        if on_shard:
+            on_shard(results[-1])
+    return results
+
+
+def read_scores(lance_uri: str, teacher_id: str, s3: S3Settings | None = None) -> pa.Table:
+    from curation_platform.scoring.pipeline import SCORES_TABLE
+
+    table = lance_tables.connect(lance_uri, s3).open_table(SCORES_TABLE).to_lance()
+    return table.to_table(filter=f"teacher_id = {lance_tables.sql_string(teacher_id)}")
+
+
+def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
+    """P(score of a random positive > score of a random negative), ties counting half (Mann-Whitney)."""
+    values = np.concatenate([positive, negative])
+    order = values.argsort(kind="stable")
+    ranks = np.empty(len(values))
+    sorted_values = values[order]
+    # average ranks for ties
+    _, first, counts = np.unique(sorted_values, return_index=True, return_counts=True)
+    average = first + (counts - 1) / 2.0 + 1
+    ranks[order] = np.repeat(average, counts)
+    n_pos, n_neg = len(positive), len(negative)
+    return float((ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
