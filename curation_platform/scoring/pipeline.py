@@ -106,8 +106,7 @@ def draw_reference(batches: Iterator[pa.RecordBatch], teacher_id: str, size: int
         kept, kept_keys = candidates, keys
     if kept is None or kept.num_rows == 0:
         raise ValueError(f"no embeddings of teacher {teacher_id} to draw a reference from")
-    order = np.argsort(kept_keys, kind="stable")
-    kept = kept.take(pa.array(order))
+    kept = kept.sort_by("uid")  # canonical order: how load_set returns it too
     uids = kept.column("uid").to_pylist()
     set_id = "ref-" + hashlib.sha256(json.dumps([teacher_id, seed, size, uids]).encode()).hexdigest()[:16]
     return EmbeddingSet(set_id, teacher_id, uids, _vectors(kept, "image_embedding"), _vectors(kept, "text_embedding"),
@@ -163,7 +162,7 @@ def save_set(lance_uri: str, table: str, embedding_set: EmbeddingSet, s3: S3Sett
 
 def load_set(lance_uri: str, table: str, set_id: str, s3: S3Settings | None = None) -> EmbeddingSet:
     rows = (lance_tables.connect(lance_uri, s3).open_table(table).to_lance()
-            .to_table(filter=f"set_id = {lance_tables.sql_string(set_id)}").sort_by("row_key"))
+            .to_table(filter=f"set_id = {lance_tables.sql_string(set_id)}").sort_by("uid"))
     if rows.num_rows == 0:
         raise KeyError(f"no {table} rows for {set_id}")
     has_text = "text_embedding" in rows.column_names
