@@ -18,6 +18,7 @@ from curation_platform.pool import ChecksumCache, ShardRef, discover_shards
 from curation_platform.validation import ValidationLimits
 
 DEFAULT_HOME = "curation_home"
+DEMO_PROMPTS = ("a photo of a geometric shape", "a checkerboard or striped texture pattern")
 
 
 def _home(home: str | None) -> Path:
@@ -226,6 +227,91 @@ def embed(pool_uri: str, validated_uri: str, lance_uri: str, table: str, teacher
            device, batch_size, workers, None)
 
 
+def _score(lance_uri: str, spec, target_uri: str | None, params, analysis_dir: Path | None,
+           validated_uri: str | None = None) -> None:
+    from curation_platform.embedding.engine import EmbedConfig
+    from curation_platform.scoring.run import build_context, embed_target, read_scores, score_pool
+    from curation_platform.teachers import load_teacher
+
+    teacher = load_teacher(spec)
+    target = embed_target(teacher, target_uri, EmbedConfig()) if target_uri else None
+    context = build_context(teacher, lance_uri, params, target)
+    described = context.describe()
+    click.echo(f"reference {described['reference_id']} (N = {described['reference_size']}), "
+               f"target {described['target_id']} (|T| = {described['target_size']}), "
+               f"negCLIPLoss B = {described['neg_clip_batch_size_effective']}, K = {params.neg_clip_repeats}")
+    started = time.perf_counter()
+    with tqdm(desc="scoring", unit="shard", file=sys.stderr) as bar:
+        results = score_pool(context, lance_uri, on_shard=lambda _: bar.update())
+    rows = sum(result.rows for result in results)
+    click.echo(f"scored {rows} samples of {len(results)} shards in {time.perf_counter() - started:.1f} s "
+               f"into {lance_uri}/scores")
+    if analysis_dir:
+        _analyse(read_scores(lance_uri, teacher.teacher_id), analysis_dir, validated_uri)
+
+
+def _analyse(scores, out: Path, validated_uri: str | None) -> None:
+    """Histograms, correlations and (with captions) KL-decile n-gram coverage, as PNG + parquet."""
+    import polars as pl
+
+    from curation_platform import analysis
+    from curation_platform.scoring.pipeline import SCORE_COLUMNS
+
+    frame = pl.from_arrow(scores)
+    columns = [name for name in SCORE_COLUMNS if frame[name].is_not_nan().any()]
+    out.mkdir(parents=True, exist_ok=True)
+    histograms = analysis.score_histograms(frame.lazy(), columns, bins=40)
+    histograms.write_parquet(out / "histograms.parquet")
+    paths = [analysis.plot_histograms(histograms, out / "score_histograms.png")]
+    correlations = analysis.score_correlations(frame.lazy(), columns)
+    correlations.spearman.write_parquet(out / "spearman.parquet")
+    paths.append(analysis.plot_correlations(correlations, out / "score_correlations.png"))
+    if validated_uri:
+        captions = pl.scan_parquet(f"{validated_uri}/samples/*.parquet").select("uid", "caption").collect()
+        with_captions = frame.join(captions, on="uid")
+        for side in ("kl_text", "kl_image"):
+            coverage = analysis.kl_decile_ngram_coverage(with_captions.lazy(), side)
+            coverage.write_parquet(out / f"{side}_decile_ngram_coverage.parquet")
+            paths.append(analysis.plot_kl_decile_coverage(coverage, out / f"{side}_decile_ngram_coverage.png"))
+    click.echo("analysis: " + ", ".join(str(path) for path in paths))
+
+
+def _score_options(function):
+    options = [
+        click.option("--target", "target_uri", default=None, help="Target image shards for NormSim (optional)."),
+        click.option("--reference-size", type=int, default=25_000, show_default=True,
+                     help="N pairs drawn uniformly from the pool as the marginal reference."),
+        click.option("--reference-seed", type=int, default=0, show_default=True, help="Seed of the reference draw."),
+        click.option("--batch-size", "neg_clip_batch_size", type=int, default=32_768, show_default=True,
+                     help="negCLIPLoss batch size B (mates from the reference)."),
+        click.option("--repeats", type=int, default=10, show_default=True, help="negCLIPLoss repetitions K."),
+        click.option("--prompt", "prompts", multiple=True, help="Domain prompt for importance weights (repeatable)."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+@main.command()
+@click.option("--lance", "lance_uri", required=True, help="LanceDB database holding the embeddings.")
+@_teacher_options
+@_score_options
+@click.option("--analysis", "analysis_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Write score histograms and correlations (PNG + parquet) here.")
+@click.option("--validated", "validated_uri", default=None,
+              help="Validated samples (local) for captions: adds KL-decile n-gram coverage to --analysis.")
+def score(lance_uri: str, teacher_checkpoint: str | None, arch: str | None, pretrained: str | None,
+          target_uri: str | None, reference_size: int, reference_seed: int, neg_clip_batch_size: int, repeats: int,
+          prompts: tuple[str, ...], analysis_dir: Path | None, validated_uri: str | None) -> None:
+    """Score every embedded shard (all of SCORES.md) against one stored reference sample and target."""
+    from curation_platform.scoring.pipeline import ScoreParams
+
+    params = ScoreParams(reference_size=reference_size, reference_seed=reference_seed,
+                         neg_clip_batch_size=neg_clip_batch_size, neg_clip_repeats=repeats, prompts=prompts)
+    _score(lance_uri, _teacher_spec(teacher_checkpoint, arch, pretrained), target_uri, params, analysis_dir,
+           validated_uri)
+
+
 @main.command("train-teacher")
 @click.argument("reference_uri")
 @click.option("--out", "out_uri", required=True, help="Teacher directory to write (local path or s3:// URI).")
@@ -289,7 +375,13 @@ def demo(home: str | None, shards: int, samples_per_shard: int, seed: int, worke
         click.echo(f"reusing the teacher in {teacher_dir} (delete it to retrain)")
     else:
         _train(str(demo_dir / "reference"), str(teacher_dir), TrainingConfig(seed=seed))
-    _embed(str(demo_dir / "pool"), str(validated), str(root / "lancedb"), "embeddings",
-           TeacherSpec(checkpoint=str(teacher_dir)), "auto", 256, workers, root)
+    spec = TeacherSpec(checkpoint=str(teacher_dir))
+    _embed(str(demo_dir / "pool"), str(validated), str(root / "lancedb"), "embeddings", spec, "auto", 256, workers,
+           root)
+    from curation_platform.scoring.pipeline import ScoreParams
+
+    params = ScoreParams(reference_size=1000, neg_clip_batch_size=1024, neg_clip_repeats=10,
+                         prompts=DEMO_PROMPTS)
+    _score(str(root / "lancedb"), spec, str(demo_dir / "target"), params, root / "analysis", str(validated))
     click.echo(f"\ndone in {time.perf_counter() - started:.1f} s. Next: `curation-platform validate POOL_URI` lints "
                "your own pool; `dagster dev -w workspace.yaml` opens the asset graph.")
