@@ -278,7 +278,8 @@ def _analyse(scores, out: Path, validated_uri: str | None) -> None:
 
 def _score_options(function):
     options = [
-        click.option("--target", "target_uri", default=None, help="Target image shards for NormSim (optional)."),
+        click.option("--target", "target_uri", default=None,
+                     help="NormSim target: webdataset shards (local or s3://) or a local folder of images."),
         click.option("--reference-size", type=int, default=25_000, show_default=True,
                      help="N pairs drawn uniformly from the pool as the marginal reference."),
         click.option("--reference-seed", type=int, default=0, show_default=True, help="Seed of the reference draw."),

@@ -117,3 +117,19 @@ def test_scores_measure_what_the_papers_say_on_the_demo_pool(scored_demo: dict) 
     assert area("norm_sim_inf", in_target, ~in_target) > 0.7
     shapes, others = pl.col("domain") == "shapes", pl.col("domain") != "shapes"
     assert area(prompt_column("circles squares and triangles"), shapes, others) > 0.7
+
+
+def test_target_from_an_image_folder(tmp_path: Path, scored_demo: dict) -> None:
+    from PIL import Image
+
+    teacher = scored_demo["teacher"]
+    folder = tmp_path / "images" / "nested"
+    folder.mkdir(parents=True)
+    for index, colour in enumerate(["red", "blue", "green"]):
+        Image.new("RGB", (80, 60), colour).save(folder / f"{index}.png")
+    (folder / "copy.png").write_bytes((folder / "0.png").read_bytes())
+    (folder / "broken.jpg").write_bytes(b"not an image")
+    target = embed_target(teacher, str(tmp_path / "images"))
+    assert target.size == 3 and target.image.shape == (3, teacher.embed_dim)
+    assert np.allclose(np.linalg.norm(target.image, axis=1), 1, atol=1e-5)
+    assert target.description["files"] == 5 and target.description["embedded"] == 3

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import torch
 
 from curation_platform import lance_tables
 from curation_platform.embedding.engine import EmbedConfig, embed_shards
+from curation_platform.embedding.loader import ImagePreprocessor
 from curation_platform.embedding.sinks import EMBEDDINGS_TABLE, MemorySink
 from curation_platform.ingest import ingest_shard
 from curation_platform.pool import discover_shards
@@ -36,13 +40,55 @@ class ShardScores:
     version: int
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+
+
 def embed_target(teacher: Teacher, target_uri: str, config: EmbedConfig = EmbedConfig(),
                  s3: S3Settings | None = None) -> EmbeddingSet:
-    """Validate and embed a target image set (shards) in memory: the NormSim target."""
+    """Embed a NormSim target in memory: webdataset shards (validated first) or a local image folder."""
+    shards = discover_shards(target_uri, s3=s3)
+    if not shards and Path(target_uri).is_dir():
+        return _embed_image_folder(teacher, Path(target_uri), config.batch_size)
+    if not shards:
+        raise FileNotFoundError(f"no shards or images at {target_uri}")
     sink = MemorySink()
-    jobs = [(shard, ingest_shard(shard, s3=s3).accepted) for shard in discover_shards(target_uri, s3=s3)]
+    jobs = [(shard, ingest_shard(shard, s3=s3).accepted) for shard in shards]
     embed_shards(teacher, jobs, sink, config, s3)
     return target_set(sink.table(), teacher.teacher_id, target_uri)
+
+
+def _embed_image_folder(teacher: Teacher, folder: Path, batch_size: int) -> EmbeddingSet:
+    """Every decodable image under ``folder`` (recursively); the uid is the sha256 of its bytes."""
+    preprocess = ImagePreprocessor(teacher.preprocessing)
+    mean = torch.tensor(teacher.preprocessing.mean).view(1, 3, 1, 1) * 255
+    std = torch.tensor(teacher.preprocessing.std).view(1, 3, 1, 1) * 255
+    uids: list[str] = []
+    vectors: list[np.ndarray] = []
+    paths = sorted(path for path in folder.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file())
+    for start in range(0, len(paths), batch_size):
+        pixels, names = [], []
+        for path in paths[start : start + batch_size]:
+            data = path.read_bytes()
+            try:
+                pixels.append(preprocess(data))
+            except Exception:  # an unreadable file in a user's folder is skipped, and counted below
+                continue
+            names.append(hashlib.sha256(data).hexdigest()[:32])
+        if pixels:
+            batch = (torch.from_numpy(np.stack(pixels)).float() - mean) / std
+            vectors.append(teacher.encode_images(batch.to(teacher.device)).cpu().numpy())
+            uids.extend(names)
+    if not uids:
+        raise FileNotFoundError(f"no decodable images under {folder}")
+    image = np.concatenate(vectors)
+    unique = {uid: index for index, uid in enumerate(uids)}  # identical files count once
+    keep = sorted(unique.values())
+    table = pa.table({"uid": [uids[i] for i in keep],
+                      "image_embedding": pa.FixedSizeListArray.from_arrays(pa.array(image[keep].ravel()),
+                                                                           image.shape[1])})
+    result = target_set(table, teacher.teacher_id, str(folder))
+    result.description.update(files=len(paths), embedded=len(keep))
+    return result
 
 
 def build_context(teacher: Teacher, lance_uri: str, params: ScoreParams, target: EmbeddingSet | None = None,
