@@ -49,7 +49,7 @@ class ScoreParams:
     neg_clip_seed: int = 0
     importance_scale: float = 10.0
     prompts: tuple[str, ...] = ()
-    chunk: int = 4096
+    chunk: int = 1024
 
 
 def prompt_column(prompt: str) -> str:
@@ -224,7 +224,7 @@ def score_rows(embeddings: pa.Table, context: ScoringContext) -> pa.Table:
         "kl_text": (text_vs_image.softmax_mean - text_vs_image.logsumexp + log_n).numpy(),
         "klr_image": (image_vs_text.logsumexp - log_n - image_vs_text.mean).numpy(),
         "klr_text": (text_vs_image.logsumexp - log_n - text_vs_image.mean).numpy(),
-        "whitened_kl": scores.whitened_kl(image, context.whitening, a),
+        "whitened_kl": scores.whitened_kl(image, context.whitening, a, chunk),
         "norm_sim_2": scores.norm_sim_2(image, context.target_stats) if context.target_stats else nan,
         "norm_sim_inf": scores.norm_sim_inf(image, context.target.image, chunk) if context.target else nan,
     }
