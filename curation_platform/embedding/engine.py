@@ -86,7 +86,7 @@ def embed_shards(
         num_workers=config.workers,
         pin_memory=device.type == "cuda",
         prefetch_factor=config.prefetch_factor if config.workers else None,
-        multiprocessing_context=_worker_context() if config.workers else None,
+        multiprocessing_context=worker_context() if config.workers else None,
     )
     encoder = _BatchEncoder(teacher, device, config.autocast_dtype(device))
     batches = iter(loader)
@@ -129,7 +129,7 @@ def _check_validated_from(shard: ShardRef, samples: pa.Table) -> None:
                          "re-ingest it before embedding")
 
 
-def _worker_context() -> multiprocessing.context.BaseContext:
+def worker_context() -> multiprocessing.context.BaseContext:
     """``forkserver`` with torch and the loader preloaded: workers start in milliseconds once the
     server is up, and never inherit LanceDB's or pyarrow's threads as a plain ``fork`` would."""
     context = multiprocessing.get_context("forkserver")
