@@ -6,8 +6,9 @@ Pairwise work never materialises more than ``chunk x chunk`` similarities: reduc
 reference set stream over its chunks with running log-sum-exp statistics kept in float64, so
 memory depends on the chunk size, not on the pool or reference size.
 
-Notation as in SCORES.md: ``u`` image and ``v`` text embeddings, ``s(x, y) = <x, y>``,
-``a = exp(logit_scale)`` the teacher's inverse temperature (``tau = 1 / a``).
+Notation as in SCORES.md: ``u`` image and ``v`` text embeddings, ``s(x, y) = <x, y>``. Every
+``scale`` argument is ``a = exp(logit_scale)``, the teacher's inverse temperature (``tau = 1 / a``,
+about 100 for OpenAI CLIP; ``Teacher.logit_scale`` returns it), never the raw log parameter.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ class LogitStats:
     count: int
 
 
-def logit_stats(query: Array, reference: Array, logit_scale: float, chunk: int = DEFAULT_CHUNK) -> LogitStats:
+def logit_stats(query: Array, reference: Array, scale: float, chunk: int = DEFAULT_CHUNK) -> LogitStats:
     """One pass over the reference in chunks; running max / sums in float64 (no N x N matrix)."""
     q = _tensor(query)
     r = _tensor(reference, q.device)
@@ -71,7 +72,7 @@ def logit_stats(query: Array, reference: Array, logit_scale: float, chunk: int =
         sum_exp_z = torch.zeros_like(running_max)
         sum_z = torch.zeros_like(running_max)
         for r_start in _chunks(n_ref, chunk):
-            z = (block @ r[r_start : r_start + chunk].T).double() * logit_scale
+            z = (block @ r[r_start : r_start + chunk].T).double() * scale
             new_max = torch.maximum(running_max, z.max(dim=1).values)
             rescale = torch.exp(running_max - new_max)
             weights = torch.exp(z - new_max[:, None])
@@ -90,7 +91,7 @@ def logit_stats(query: Array, reference: Array, logit_scale: float, chunk: int =
 def log_density_ratio(
     image: Array,
     text: Array,
-    logit_scale: float,
+    scale: float,
     reference_text: Array | None = None,
     reference_image: Array | None = None,
     chunk: int = DEFAULT_CHUNK,
@@ -101,7 +102,7 @@ def log_density_ratio(
     reference, and ``log_ratio_i_given_t`` likewise over the image reference; each direction is
     computed when its reference is given.
     """
-    a = float(logit_scale)
+    a = float(scale)
     u = _tensor(image)
     v = _tensor(text, u.device)
     self_logit = (u * v).sum(dim=1, dtype=torch.float64) * a
@@ -119,18 +120,18 @@ def log_density_ratio(
 
 # -- 5. KL divergences --------------------------------------------------------------------------
 
-def kl_divergence(query: Array, reference: Array, logit_scale: float, chunk: int = DEFAULT_CHUNK) -> Array:
+def kl_divergence(query: Array, reference: Array, scale: float, chunk: int = DEFAULT_CHUNK) -> Array:
     """``D_KL(q) = sum_j p_j z_j - (logsumexp_j z_j - log N)``, ``p = softmax(z)`` (nats, in [0, log N]).
 
     Query one modality against the reference of the other (image -> text reference: D_KL(i)).
     """
-    stats = logit_stats(query, reference, logit_scale, chunk)
+    stats = logit_stats(query, reference, scale, chunk)
     return _like(stats.softmax_mean - stats.logsumexp + math.log(stats.count), query)
 
 
-def kl_divergence_reverse(query: Array, reference: Array, logit_scale: float, chunk: int = DEFAULT_CHUNK) -> Array:
+def kl_divergence_reverse(query: Array, reference: Array, scale: float, chunk: int = DEFAULT_CHUNK) -> Array:
     """``D_KLR(q) = logsumexp_j z_j - log N - mean_j z_j`` (nats, >= 0)."""
-    stats = logit_stats(query, reference, logit_scale, chunk)
+    stats = logit_stats(query, reference, scale, chunk)
     return _like(stats.logsumexp - math.log(stats.count) - stats.mean, query)
 
 
@@ -147,12 +148,12 @@ class WhiteningStats:
         return cls(_mean(image, chunk), _covariance(_tensor(reference_text, image.device), chunk, centred=True))
 
 
-def whitened_kl(image: Array, stats: WhiteningStats, logit_scale: float, chunk: int = DEFAULT_CHUNK) -> Array:
+def whitened_kl(image: Array, stats: WhiteningStats, scale: float, chunk: int = DEFAULT_CHUNK) -> Array:
     """Cheap D_KL(i) approximation ``a^2 (u_i - mean_I)^T Cov_T (u_i - mean_I)`` (nats)."""
     u = _tensor(image)
     mean, covariance = stats.image_mean.to(u.device), stats.text_covariance.to(u.device)
     quadratic = _chunked_quadratic(u, covariance, chunk, centre=mean)
-    return _like(float(logit_scale) ** 2 * quadratic, image)
+    return _like(float(scale) ** 2 * quadratic, image)
 
 
 def _chunked_quadratic(u: torch.Tensor, matrix: torch.Tensor, chunk: int,
@@ -190,7 +191,7 @@ def _covariance(values: torch.Tensor, chunk: int, centred: bool) -> torch.Tensor
 def neg_clip_loss(
     image: Array,
     text: Array,
-    logit_scale: float,
+    scale: float,
     batch_size: int = 32768,
     repeats: int = 10,
     seed: int = 0,
@@ -210,7 +211,7 @@ def neg_clip_loss(
       drawn (seeded, without replacement, per repetition and chunk) from the global reference,
       which makes scores comparable across shards.
     """
-    a = float(logit_scale)
+    a = float(scale)
     u = _tensor(image)
     v = _tensor(text, u.device)
     n = u.shape[0]
