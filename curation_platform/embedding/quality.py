@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pyarrow as pa
 
+from curation_platform.embedding.sinks import vectors
+
 
 @dataclass(frozen=True)
 class EmbeddingQuality:
@@ -35,14 +37,14 @@ def embedding_quality(rows: pa.Table, accepted_uids: list[str], dim: int) -> Emb
     stored, expected = set(uids), set(accepted_uids)
     non_finite, norm_error = 0, 0.0
     for column in ("image_embedding", "text_embedding"):
-        values = rows.column(column).combine_chunks()
-        if values.type.list_size != dim:
-            raise ValueError(f"{column} has dimension {values.type.list_size}, expected {dim}")
-        vectors = values.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float64)
-        finite = np.isfinite(vectors).all(axis=1)
+        size = rows.schema.field(column).type.list_size
+        if size != dim:
+            raise ValueError(f"{column} has dimension {size}, expected {dim}")
+        values = vectors(rows, column).astype(np.float64)
+        finite = np.isfinite(values).all(axis=1)
         non_finite += int((~finite).sum())
         if finite.any():
-            norm_error = max(norm_error, float(np.abs(np.linalg.norm(vectors[finite], axis=1) - 1).max()))
+            norm_error = max(norm_error, float(np.abs(np.linalg.norm(values[finite], axis=1) - 1).max()))
     return EmbeddingQuality(
         rows=len(uids),
         expected=len(expected),

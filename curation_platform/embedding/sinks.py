@@ -32,6 +32,13 @@ def row_keys(teacher_id: str, uids: list[str]) -> list[str]:
     return [f"{teacher_id}/{uid}" for uid in uids]
 
 
+def vectors(table: pa.Table, column: str) -> np.ndarray:
+    """A fixed-size-list vector column as a float32 (rows, d) array."""
+    values = table.column(column).combine_chunks()
+    dim = table.schema.field(column).type.list_size  # explicit, so an empty table still reshapes
+    return values.flatten().to_numpy(zero_copy_only=False).reshape(len(values), dim).astype(np.float32)
+
+
 def embedding_schema(dim: int) -> pa.Schema:
     vector = pa.list_(pa.float32(), dim)
     return pa.schema(

@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 
 from curation_platform import lance_tables
+from curation_platform.embedding.sinks import vectors
 from curation_platform.scoring import scores
 from curation_platform.storage import S3Settings
 
@@ -109,7 +110,7 @@ def draw_reference(batches: Iterator[pa.RecordBatch], teacher_id: str, size: int
     kept = kept.sort_by("uid")  # canonical order: how load_set returns it too
     uids = kept.column("uid").to_pylist()
     set_id = "ref-" + hashlib.sha256(json.dumps([teacher_id, seed, size, uids]).encode()).hexdigest()[:16]
-    return EmbeddingSet(set_id, teacher_id, uids, _vectors(kept, "image_embedding"), _vectors(kept, "text_embedding"),
+    return EmbeddingSet(set_id, teacher_id, uids, vectors(kept, "image_embedding"), vectors(kept, "text_embedding"),
                         {"seed": seed, "requested_size": size, "pool_rows": pool_rows})
 
 
@@ -117,12 +118,7 @@ def target_set(embeddings: pa.Table, teacher_id: str, source: str) -> EmbeddingS
     """A NormSim target from embedded target images; its id hashes the teacher and the uids."""
     uids = embeddings.column("uid").to_pylist()
     set_id = "target-" + hashlib.sha256(json.dumps([teacher_id, sorted(uids)]).encode()).hexdigest()[:16]
-    return EmbeddingSet(set_id, teacher_id, uids, _vectors(embeddings, "image_embedding"), None, {"source": source})
-
-
-def _vectors(table: pa.Table, column: str) -> np.ndarray:
-    values = table.column(column).combine_chunks()
-    return values.flatten().to_numpy(zero_copy_only=False).reshape(len(values), -1).astype(np.float32)
+    return EmbeddingSet(set_id, teacher_id, uids, vectors(embeddings, "image_embedding"), None, {"source": source})
 
 
 def _set_schema(dim: int, with_text: bool) -> pa.Schema:
@@ -167,7 +163,7 @@ def load_set(lance_uri: str, table: str, set_id: str, s3: S3Settings | None = No
         raise KeyError(f"no {table} rows for {set_id}")
     has_text = "text_embedding" in rows.column_names
     return EmbeddingSet(set_id, rows.column("teacher_id")[0].as_py(), rows.column("uid").to_pylist(),
-                        _vectors(rows, "image_embedding"), _vectors(rows, "text_embedding") if has_text else None,
+                        vectors(rows, "image_embedding"), vectors(rows, "text_embedding") if has_text else None,
                         json.loads(rows.column("description")[0].as_py() or "{}"))
 
 
@@ -206,7 +202,7 @@ class ScoringContext:
 
 def score_rows(embeddings: pa.Table, context: ScoringContext) -> pa.Table:
     """All score columns for one shard's embedding rows (uid, shard, image/text embeddings)."""
-    image, text = _vectors(embeddings, "image_embedding"), _vectors(embeddings, "text_embedding")
+    image, text = vectors(embeddings, "image_embedding"), vectors(embeddings, "text_embedding")
     a, chunk, params, ref = context.logit_scale, context.params.chunk, context.params, context.reference
     nan = np.full(len(image), np.nan)
     columns: dict[str, Any] = {"clip_score": scores.clip_score(image, text)}
