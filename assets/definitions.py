@@ -1,17 +1,48 @@
 """The code location: ``dagster dev -w workspace.yaml`` loads ``defs`` from here."""
 
-from __future__ import annotations
-
 import dagster as dg
 
-from assets.embeddings import embeddings, embeddings_are_complete_and_unit_norm
-from assets.ingestion import shard_discovery_sensor, shard_reconciles, validated_samples
-from assets.resources import PlatformResource, TeacherResource
+from assets.embeddings import embeddings, embeddings_meet_expectations
+from assets.ingestion import (
+    quarantine_rate_within_bound,
+    samples_meet_expectations,
+    shard_discovery_sensor,
+    shard_reconciles,
+    validated_samples,
+)
+from assets.resources import PlatformResource, ScoringResource, TeacherResource, project_settings
+from assets.scoring import (
+    normsim_target,
+    reference_sample,
+    score_statistics,
+    scores_meet_expectations,
+    shard_scores,
+    statistics_are_sane,
+)
 from assets.teachers import teacher
 
-defs = dg.Definitions(
-    assets=[validated_samples, teacher, embeddings],
-    asset_checks=[shard_reconciles, embeddings_are_complete_and_unit_norm],
-    sensors=[shard_discovery_sensor],
-    resources={"platform": PlatformResource(), "teacher_config": TeacherResource()},
+automation_sensor = dg.AutomationConditionSensorDefinition(
+    "curation_automation", target=dg.AssetSelection.all(), minimum_interval_seconds=30,
+    default_status=dg.DefaultSensorStatus.RUNNING,
 )
+
+
+def build_definitions(settings: dict | None = None, resources: dict | None = None) -> dg.Definitions:
+    """The whole graph; ``settings`` (default: the home's ``curation.json``) seeds the scoring resource,
+    ``resources`` replaces resources by key (tests, embedding the location elsewhere)."""
+    settings = project_settings() if settings is None else settings
+    return dg.Definitions(
+        assets=[validated_samples, teacher, embeddings, reference_sample, normsim_target, shard_scores,
+                score_statistics],
+        asset_checks=[shard_reconciles, samples_meet_expectations, quarantine_rate_within_bound,
+                      embeddings_meet_expectations, scores_meet_expectations, statistics_are_sane],
+        sensors=[shard_discovery_sensor, automation_sensor],
+        resources={
+            "platform": PlatformResource(),
+            "teacher_config": TeacherResource(),
+            "scoring": ScoringResource(**settings.get("scoring", {})),
+        } | (resources or {}),
+    )
+
+
+defs = build_definitions()

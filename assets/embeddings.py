@@ -2,13 +2,15 @@
 
 import dagster as dg
 
+from assets.automation import per_shard
 from assets.ingestion import shard_partitions, validated_samples
+from assets.quality import check_result
 from assets.resources import PlatformResource, TeacherResource
 from assets.teachers import teacher
 from curation_platform.embedding.engine import embed_shard
-from curation_platform.embedding.quality import embedding_quality
 from curation_platform.embedding.sinks import LanceSink
 from curation_platform.ingest import read_accepted
+from curation_platform.quality import embeddings_suite
 from curation_platform.teachers import load_teacher
 
 
@@ -19,6 +21,7 @@ from curation_platform.teachers import load_teacher
     code_version="embed-v1",
     pool="gpu",
     kinds={"lancedb", "pytorch"},
+    automation_condition=per_shard(),
     description="Unit-norm image and text embeddings of a shard's accepted samples, tagged with the teacher_id.",
 )
 def embeddings(context: dg.AssetExecutionContext, platform: PlatformResource,
@@ -46,14 +49,15 @@ def embeddings(context: dg.AssetExecutionContext, platform: PlatformResource,
 
 
 @dg.asset_check(asset=embeddings, partitions_def=shard_partitions, blocking=True,
-                description="One finite, unit-norm embedding pair of the right dimension per accepted sample.")
-def embeddings_are_complete_and_unit_norm(context: dg.AssetCheckExecutionContext, platform: PlatformResource,
-                                          teacher_config: TeacherResource) -> dg.AssetCheckResult:
+                description="Great Expectations: one finite, unit-norm embedding pair of the right dimension per "
+                            "accepted sample, and nothing else.")
+def embeddings_meet_expectations(context: dg.AssetCheckExecutionContext, platform: PlatformResource,
+                                 teacher_config: TeacherResource) -> dg.AssetCheckResult:
     shard = platform.shard(context.partition_key)
     samples = read_accepted(platform.validated_uri, shard, platform.s3)
     loaded = load_teacher(teacher_config.spec(platform), s3=platform.s3)
     sink = LanceSink(platform.lancedb_uri, table=teacher_config.table, s3=platform.s3)
     rows = sink.read_shard(shard.name, loaded.teacher_id, loaded.embed_dim,
                            columns=["uid", "image_embedding", "text_embedding"])
-    quality = embedding_quality(rows, samples.column("uid").to_pylist(), loaded.embed_dim)
-    return dg.AssetCheckResult(passed=quality.passed, metadata=quality.to_dict())
+    return check_result(embeddings_suite(rows, samples.column("uid").to_pylist(), loaded.embed_dim),
+                        teacher_id=loaded.teacher_id)

@@ -3,10 +3,13 @@
 import json
 
 import dagster as dg
+import pyarrow.parquet as pq
 
+from assets.quality import check_result
 from assets.resources import PlatformResource
 from curation_platform import storage
 from curation_platform.ingest import ingest_shard, make_executor, output_paths, write_ingestion
+from curation_platform.quality import quarantine_suite, validated_samples_suite
 
 shard_partitions = dg.DynamicPartitionsDefinition(name="shards")
 
@@ -50,11 +53,20 @@ def validated_samples(context: dg.AssetExecutionContext, platform: PlatformResou
     )
 
 
+def _report(platform: PlatformResource, partition_key: str) -> dict:
+    uri = output_paths(platform.validated_uri, platform.shard(partition_key).name)["report"]
+    return json.loads(storage.read_bytes(uri, platform.s3))
+
+
+def _read(uri: str, platform: PlatformResource):
+    filesystem, path = storage.filesystem_for(uri, platform.s3)
+    return pq.read_table(path, filesystem=filesystem)
+
+
 @dg.asset_check(asset=validated_samples, partitions_def=shard_partitions, blocking=True,
                 description="accepted + quarantined equals every sample the shard mentions; no shard-level errors.")
 def shard_reconciles(context: dg.AssetCheckExecutionContext, platform: PlatformResource) -> dg.AssetCheckResult:
-    report_uri = output_paths(platform.validated_uri, platform.shard(context.partition_key).name)["report"]
-    report = json.loads(storage.read_bytes(report_uri, platform.s3))
+    report = _report(platform, context.partition_key)
     reconciles = report["accepted"] + report["quarantined"] == report["total"]
     return dg.AssetCheckResult(
         passed=reconciles and not report["errors"],
@@ -63,18 +75,59 @@ def shard_reconciles(context: dg.AssetCheckExecutionContext, platform: PlatformR
     )
 
 
+@dg.asset_check(asset=validated_samples, partitions_def=shard_partitions, blocking=True,
+                description="Great Expectations: sample schema, no nulls, sizes/captions/languages within the "
+                            "validation limits, unique well-formed uids; known quarantine reason codes.")
+def samples_meet_expectations(context: dg.AssetCheckExecutionContext,
+                              platform: PlatformResource) -> dg.AssetCheckResult:
+    paths = output_paths(platform.validated_uri, platform.shard(context.partition_key).name)
+    limits = platform.limits
+    return check_result(
+        validated_samples_suite(_read(paths["samples"], platform), limits.min_image_side, limits.max_pixels,
+                                limits.max_caption_chars),
+        quarantine_suite(_read(paths["quarantine"], platform)),
+    )
+
+
+@dg.asset_check(asset=validated_samples, partitions_def=shard_partitions,
+                description="Warns when a shard quarantines more than PlatformResource.max_quarantine_rate.")
+def quarantine_rate_within_bound(context: dg.AssetCheckExecutionContext,
+                                 platform: PlatformResource) -> dg.AssetCheckResult:
+    report = _report(platform, context.partition_key)
+    rate = report["quarantined"] / max(report["total"], 1)
+    return dg.AssetCheckResult(
+        passed=rate <= platform.max_quarantine_rate,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={"quarantine_rate": dg.MetadataValue.float(rate), "bound": platform.max_quarantine_rate,
+                  "by_reason": dg.MetadataValue.json(report.get("by_reason", {}))},
+    )
+
+
+def _ingested_version(instance: dg.DagsterInstance, partition_key: str) -> str | None:
+    """The data version (shard checksum) of the partition's latest validated_samples materialisation."""
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=validated_samples.key, asset_partitions=[partition_key]), limit=1).records
+    return records[0].asset_materialization.tags.get("dagster/data_version") if records else None
+
+
 @dg.sensor(target=[validated_samples], minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.RUNNING)
 def shard_discovery_sensor(context: dg.SensorEvaluationContext, platform: PlatformResource) -> dg.SensorResult:
-    """Add a partition per new shard and request a run for every new or changed shard.
+    """Add a partition per new shard and request ingestion of every new or changed shard.
 
-    The cursor maps partition key -> content checksum, so an unchanged shard is never re-run and a
-    re-uploaded one (same name, new bytes) is; ``run_key`` = shard id makes requests idempotent.
+    The cursor maps partition key -> content checksum already handled; a shard it does not know is
+    looked up in the instance first, so shards ingested by other means (the main job, a backfill)
+    are not ingested again. A re-uploaded shard (same name, new bytes) is re-run; ``run_key`` =
+    shard id makes requests idempotent. Embeddings and scores follow by declarative automation.
     """
     known: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
     shards = platform.discover()
     existing = set(context.instance.get_dynamic_partitions(shard_partitions.name))
     new_keys = [shard.partition_key for shard in shards if shard.partition_key not in existing]
-    changed = [shard for shard in shards if known.get(shard.partition_key) != shard.checksum]
+    changed = [
+        shard for shard in shards
+        if known.get(shard.partition_key) != shard.checksum
+        and _ingested_version(context.instance, shard.partition_key) != shard.checksum
+    ]
     return dg.SensorResult(
         run_requests=[dg.RunRequest(partition_key=shard.partition_key, run_key=shard.shard_id) for shard in changed],
         dynamic_partitions_requests=[shard_partitions.build_add_request(new_keys)] if new_keys else [],

@@ -1,42 +1,65 @@
-"""Resources: where the pool and the project's outputs live, configured from the environment."""
+"""Resources: where the pool and the project's outputs live, which teacher, how to score.
+
+Every field falls back to an environment variable and then to the embedded default (local folders
+under one project home), so the same code location serves a laptop and a production deployment.
+S3 credentials come only from the standard ``AWS_*`` environment variables, never from config.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import dagster as dg
 
 from curation_platform import storage
-from curation_platform.pool import ChecksumCache, ShardRef, discover_shards
-from curation_platform.storage import S3Settings
 from curation_platform.embedding.engine import EmbedConfig
+from curation_platform.pool import ChecksumCache, ShardRef, discover_shards
+from curation_platform.scoring.pipeline import ScoreParams
+from curation_platform.storage import S3Settings
 from curation_platform.teachers import TeacherSpec
 from curation_platform.validation import ValidationLimits
 
+SETTINGS_FILE = "curation.json"
+
+
+def project_home() -> str:
+    """``$CURATION_HOME``, else ``./curation_home`` (as the CLI resolves it)."""
+    home = os.environ.get("CURATION_HOME", "curation_home")
+    return home if storage.is_s3(home) else str(Path(home).resolve())
+
+
+def project_settings(home: str | None = None) -> dict:
+    """Optional ``<home>/curation.json``: per-project defaults (the demo writes its scoring parameters)."""
+    uri = storage.join(home or project_home(), SETTINGS_FILE)
+    s3 = S3Settings.from_env()
+    return json.loads(storage.read_bytes(uri, s3)) if storage.exists(uri, s3) else {}
+
 
 class PlatformResource(dg.ConfigurableResource):
-    """The pool to curate and the project home; the embedded default is local folders.
+    """The pool to curate and the project home.
 
-    ``pool_uri`` defaults to the demo pool that ``curation-platform demo`` writes under the home.
-    S3 settings come from the standard ``AWS_*`` environment variables, never from config.
+    ``pool_uri`` defaults to ``$CURATION_POOL``, else the demo pool that ``curation-platform demo``
+    writes under the home; ``lancedb`` to ``$CURATION_LANCEDB``, else ``<home>/lancedb``.
     """
 
     home_uri: str | None = None
     pool_uri: str | None = None
+    lancedb: str | None = None
     decode_workers: int = 2
     min_image_side: int = ValidationLimits.min_image_side
     max_pixels: int = ValidationLimits.max_pixels
     max_caption_chars: int = ValidationLimits.max_caption_chars
+    max_quarantine_rate: float = 0.25
 
     @property
     def home(self) -> str:
-        """``home_uri``, else ``$CURATION_HOME``, else ``./curation_home`` (as the CLI resolves it)."""
-        return self.home_uri or str(Path(os.environ.get("CURATION_HOME", "curation_home")).resolve())
+        return self.home_uri or project_home()
 
     @property
     def pool(self) -> str:
-        return self.pool_uri or storage.join(self.home, "demo", "pool")
+        return self.pool_uri or os.environ.get("CURATION_POOL") or storage.join(self.home, "demo", "pool")
 
     @property
     def validated_uri(self) -> str:
@@ -44,7 +67,11 @@ class PlatformResource(dg.ConfigurableResource):
 
     @property
     def lancedb_uri(self) -> str:
-        return storage.join(self.home, "lancedb")
+        return self.lancedb or os.environ.get("CURATION_LANCEDB") or storage.join(self.home, "lancedb")
+
+    @property
+    def analysis_uri(self) -> str:
+        return storage.join(self.home, "analysis")
 
     @property
     def reference_uri(self) -> str:
@@ -88,7 +115,9 @@ class PlatformResource(dg.ConfigurableResource):
 class TeacherResource(dg.ConfigurableResource):
     """Which teacher embeds the pool: a checkpoint/teacher directory, or an open_clip tag.
 
-    With nothing set, the platform trains its own teacher (the ``teacher`` asset) and uses it.
+    Falls back to ``$CURATION_TEACHER`` (checkpoint), ``$CURATION_TEACHER_ARCH`` and
+    ``$CURATION_TEACHER_PRETRAINED``; with none of them set the platform trains its own teacher
+    (the ``teacher`` asset) on the reference split and uses it.
     """
 
     checkpoint: str | None = None
@@ -100,13 +129,52 @@ class TeacherResource(dg.ConfigurableResource):
     table: str = "embeddings"
 
     @property
+    def resolved(self) -> tuple[str | None, str | None, str | None]:
+        env = os.environ.get
+        return (self.checkpoint or env("CURATION_TEACHER"), self.architecture or env("CURATION_TEACHER_ARCH"),
+                self.pretrained or env("CURATION_TEACHER_PRETRAINED"))
+
+    @property
     def trains_its_own(self) -> bool:
-        return not (self.checkpoint or self.pretrained)
+        checkpoint, _, pretrained = self.resolved
+        return not (checkpoint or pretrained)
 
     def spec(self, platform: PlatformResource) -> TeacherSpec:
         if self.trains_its_own:
             return TeacherSpec(checkpoint=platform.trained_teacher_uri)
-        return TeacherSpec(architecture=self.architecture, pretrained=self.pretrained, checkpoint=self.checkpoint)
+        checkpoint, architecture, pretrained = self.resolved
+        return TeacherSpec(architecture=architecture, pretrained=pretrained, checkpoint=checkpoint)
 
     def embed_config(self) -> EmbedConfig:
-        return EmbedConfig(device=self.device, batch_size=self.batch_size, workers=self.workers)
+        return EmbedConfig(device=os.environ.get("CURATION_DEVICE", self.device), batch_size=self.batch_size,
+                           workers=self.workers)
+
+
+class ScoringResource(dg.ConfigurableResource):
+    """Score parameters (SCORES.md defaults) and the NormSim target.
+
+    ``target_uri`` is a folder of images or webdataset shards (local or s3://); when unset, the
+    demo's target split under the home is used if present, else NormSim columns stay NaN.
+    """
+
+    reference_size: int = 25_000
+    reference_seed: int = 0
+    neg_clip_batch_size: int = 32_768
+    neg_clip_repeats: int = 10
+    neg_clip_seed: int = 0
+    importance_scale: float = 10.0
+    prompts: list[str] = []
+    target_uri: str | None = None
+
+    def params(self) -> ScoreParams:
+        return ScoreParams(
+            reference_size=self.reference_size, reference_seed=self.reference_seed,
+            neg_clip_batch_size=self.neg_clip_batch_size, neg_clip_repeats=self.neg_clip_repeats,
+            neg_clip_seed=self.neg_clip_seed, importance_scale=self.importance_scale, prompts=tuple(self.prompts),
+        )
+
+    def target(self, platform: PlatformResource) -> str | None:
+        if self.target_uri or os.environ.get("CURATION_TARGET"):
+            return self.target_uri or os.environ["CURATION_TARGET"]
+        demo_target = storage.join(platform.home, "demo", "target")
+        return demo_target if storage.exists(demo_target, platform.s3) else None

@@ -2,6 +2,7 @@
 
 import dagster as dg
 
+from assets.automation import once_available
 from assets.resources import PlatformResource, TeacherResource
 from curation_platform.teachers import load_teacher
 from curation_platform.training import TrainingConfig, train_teacher
@@ -11,6 +12,7 @@ from curation_platform.training import TrainingConfig, train_teacher
     group_name="teacher",
     code_version="teacher-v1",
     kinds={"pytorch"},
+    automation_condition=once_available(),
     description="The CLIP-like teacher whose logits estimate density ratios; its teacher_id tags every embedding.",
 )
 def teacher(context: dg.AssetExecutionContext, platform: PlatformResource,

@@ -242,3 +242,52 @@ def plot_correlations(correlations: Correlations, path: str | Path) -> Path:
         axis.set_title(f"{title} (n = {correlations.rows})")
         figure.colorbar(image, ax=axis, shrink=0.8)
     return _save(figure, path)
+
+
+# -- pool summary and the standard set of outputs -----------------------------------------------
+
+def score_summary(frame: FrameLike, columns: Sequence[str]) -> pl.DataFrame:
+    """One row per score: count of finite values, NaN/null count, mean, std, min, max (streamed)."""
+    lazy = as_lazy(frame)
+    plans = [
+        lazy.select(
+            pl.lit(column).alias("score"),
+            _score(column).count().alias("count"),
+            (pl.len() - _score(column).count()).alias("nan_count"),
+            _score(column).mean().alias("mean"),
+            _score(column).std().fill_null(0.0).alias("std"),
+            _score(column).min().cast(pl.Float64).alias("min"),
+            _score(column).max().cast(pl.Float64).alias("max"),
+        )
+        for column in columns
+    ]
+    return pl.concat(pl.collect_all(plans), how="vertical_relaxed")
+
+
+def write_pool_analysis(frame: FrameLike, columns: Sequence[str], out: str | Path,
+                        captions: FrameLike | None = None) -> dict[str, Path]:
+    """Summary, histograms, correlations and (given uid + caption) KL-decile n-gram coverage under ``out``.
+
+    Every table is written as parquet next to its PNG; returns the written paths by name.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    lazy = as_lazy(frame)
+    written: dict[str, Path] = {}
+    summary = score_summary(lazy, columns)
+    summary.write_parquet(written.setdefault("summary", out / "summary.parquet"))
+    histograms = score_histograms(lazy, columns, bins=40)
+    histograms.write_parquet(written.setdefault("histograms", out / "histograms.parquet"))
+    written["score_histograms_png"] = plot_histograms(histograms, out / "score_histograms.png")
+    correlations = score_correlations(lazy, columns)
+    correlations.spearman.write_parquet(written.setdefault("spearman", out / "spearman.parquet"))
+    written["score_correlations_png"] = plot_correlations(correlations, out / "score_correlations.png")
+    if captions is not None:
+        with_captions = lazy.join(as_lazy(captions).select("uid", "caption"), on="uid")
+        for side in ("kl_text", "kl_image"):
+            if side not in columns:
+                continue
+            coverage = kl_decile_ngram_coverage(with_captions, side)
+            coverage.write_parquet(written.setdefault(f"{side}_coverage", out / f"{side}_decile_ngram_coverage.parquet"))
+            written[f"{side}_coverage_png"] = plot_kl_decile_coverage(coverage, out / f"{side}_decile_ngram_coverage.png")
+    return written

@@ -251,29 +251,17 @@ def _score(lance_uri: str, spec, target_uri: str | None, params, analysis_dir: P
 
 
 def _analyse(scores, out: Path, validated_uri: str | None) -> None:
-    """Histograms, correlations and (with captions) KL-decile n-gram coverage, as PNG + parquet."""
+    """Summary, histograms, correlations and (with captions) KL-decile n-gram coverage, as PNG + parquet."""
     import polars as pl
 
-    from curation_platform import analysis
+    from curation_platform.analysis import write_pool_analysis
     from curation_platform.scoring.pipeline import SCORE_COLUMNS
 
     frame = pl.from_arrow(scores)
     columns = [name for name in SCORE_COLUMNS if frame[name].is_not_nan().any()]
-    out.mkdir(parents=True, exist_ok=True)
-    histograms = analysis.score_histograms(frame.lazy(), columns, bins=40)
-    histograms.write_parquet(out / "histograms.parquet")
-    paths = [analysis.plot_histograms(histograms, out / "score_histograms.png")]
-    correlations = analysis.score_correlations(frame.lazy(), columns)
-    correlations.spearman.write_parquet(out / "spearman.parquet")
-    paths.append(analysis.plot_correlations(correlations, out / "score_correlations.png"))
-    if validated_uri:
-        captions = pl.scan_parquet(f"{validated_uri}/samples/*.parquet").select("uid", "caption").collect()
-        with_captions = frame.join(captions, on="uid")
-        for side in ("kl_text", "kl_image"):
-            coverage = analysis.kl_decile_ngram_coverage(with_captions.lazy(), side)
-            coverage.write_parquet(out / f"{side}_decile_ngram_coverage.parquet")
-            paths.append(analysis.plot_kl_decile_coverage(coverage, out / f"{side}_decile_ngram_coverage.png"))
-    click.echo("analysis: " + ", ".join(str(path) for path in paths))
+    captions = pl.scan_parquet(f"{validated_uri}/samples/*.parquet") if validated_uri else None
+    written = write_pool_analysis(frame, columns, out, captions)
+    click.echo("analysis: " + ", ".join(str(path) for name, path in written.items() if name.endswith("_png")))
 
 
 def _score_options(function):
@@ -347,42 +335,74 @@ def _train(reference_uri: str, out_uri: str, config) -> None:
                f"R@5 {metrics.t2i_recall_at_5:.3f} (chance {metrics.chance_at_1:.4f} / {metrics.chance_at_5:.4f})")
 
 
+DEMO_SCORING = {"reference_size": 1000, "neg_clip_batch_size": 1024, "neg_clip_repeats": 10,
+                "prompts": list(DEMO_PROMPTS)}
+
+
 @main.command()
 @click.option("--home", default=None, help=f"Project home (default ./{DEFAULT_HOME}) [env CURATION_HOME].")
 @click.option("--shards", type=int, default=4, show_default=True, help="Shards in the demo pool.")
 @click.option("--samples-per-shard", type=int, default=500, show_default=True, help="Samples per demo shard.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Demo pool seed.")
 @click.option("--workers", type=int, default=min(4, os.cpu_count() or 1), show_default=True,
-              help="Worker processes for generation and decoding.")
-def demo(home: str | None, shards: int, samples_per_shard: int, seed: int, workers: int) -> None:
-    """The main job on the embedded default: demo pool, ingestion, teacher, embeddings."""
+              help="Worker processes for demo generation.")
+@click.option("--retrain-teacher", is_flag=True, help="Train the teacher again even if one is materialised.")
+def demo(home: str | None, shards: int, samples_per_shard: int, seed: int, workers: int,
+         retrain_teacher: bool) -> None:
+    """The main job on the embedded default: demo pool, then the whole Dagster asset graph in-process.
+
+    Ingestion, teacher training, embeddings, reference sample, NormSim target, scores and pool
+    statistics run as Dagster runs with their data-quality checks, recorded in ``<home>/dagster``.
+    """
     root = _home(home)
     started = time.perf_counter()
     click.echo(f"project home: {root}")
     demo_dir = root / "demo"
     _build_demo_pool(demo_dir, shards, samples_per_shard, seed, workers, reuse=True)
-    click.echo(f"demo pool written to {demo_dir} ({time.perf_counter() - started:.1f} s)")
-    validated = root / "validated"
-    reports = _ingest(_discover(str(demo_dir / "pool"), root), ValidationLimits(), workers, str(validated))
-    _print_reports(reports)
-    click.echo(f"validated samples: {validated}/samples, quarantine: {validated}/quarantine, "
-               f"reports: {validated}/reports")
+    click.echo(f"demo pool in {demo_dir} ({time.perf_counter() - started:.1f} s)")
+    settings = root / "curation.json"
+    settings.write_text(json.dumps({"scoring": DEMO_SCORING}, indent=2) + "\n")
+    os.environ["CURATION_HOME"] = str(root)  # the code location resolves its resources from the home
 
-    from curation_platform.teachers import CONFIG_FILE, TeacherSpec
-    from curation_platform.training import TrainingConfig
+    from assets.local_run import instance_for, materialize_graph
 
-    teacher_dir = root / "teacher"
-    if (teacher_dir / CONFIG_FILE).exists():
-        click.echo(f"reusing the teacher in {teacher_dir} (delete it to retrain)")
-    else:
-        _train(str(demo_dir / "reference"), str(teacher_dir), TrainingConfig(seed=seed))
-    spec = TeacherSpec(checkpoint=str(teacher_dir))
-    _embed(str(demo_dir / "pool"), str(validated), str(root / "lancedb"), "embeddings", spec, "auto", 256, workers,
-           root)
-    from curation_platform.scoring.pipeline import ScoreParams
+    instance = instance_for(root)
+    click.echo(f"running the asset graph in-process (Dagster instance: {os.environ['DAGSTER_HOME']})")
+    if retrain_teacher or instance.get_latest_materialization_event(_asset_key("teacher")) is None:
+        click.echo("training the demo teacher on the clean reference split (about 2 minutes on 2 cores)")
+    outcomes = materialize_graph(instance, on_step=_print_step, retrain_teacher=retrain_teacher)
+    statistics = next((o.materialized.get("score_statistics") for o in outcomes if o.success
+                       and "score_statistics" in o.materialized), None)
+    failed = [o for o in outcomes if not o.success]
+    click.echo(f"\ndone in {time.perf_counter() - started:.1f} s: {len(outcomes)} runs, {len(failed)} failed.")
+    if statistics:
+        click.echo(f"scores of {statistics['dagster/row_count']} samples; plots and summary in {root / 'analysis'}")
+    click.echo(f"Next: `DAGSTER_HOME={os.environ['DAGSTER_HOME']} CURATION_HOME={root} dagster dev -w workspace.yaml` "
+               "opens the asset graph with these runs; `curation-platform validate POOL_URI` lints your own pool.")
+    if failed:
+        sys.exit(1)
 
-    params = ScoreParams(reference_size=1000, neg_clip_batch_size=1024, neg_clip_repeats=10,
-                         prompts=DEMO_PROMPTS)
-    _score(str(root / "lancedb"), spec, str(demo_dir / "target"), params, root / "analysis", str(validated))
-    click.echo(f"\ndone in {time.perf_counter() - started:.1f} s. Next: `curation-platform validate POOL_URI` lints "
-               "your own pool; `dagster dev -w workspace.yaml` opens the asset graph.")
+
+def _asset_key(name: str):
+    import dagster as dg
+
+    return dg.AssetKey(name)
+
+
+STEP_FACTS = {  # what the main job prints per materialisation, when present
+    "teacher_id": "teacher {}", "i2t_recall_at_5": "held-out i2t R@5 {:.3f}", "dagster/row_count": "{} rows",
+    "pairs_per_second": "{:.0f} pairs/s", "reference_id": "{}", "target_id": "{}", "shards": "{} shards",
+}
+
+
+def _print_step(outcome) -> None:
+    where = f"[{outcome.partition}]" if outcome.partition else ""
+    facts = []
+    for asset, metadata in sorted(outcome.materialized.items()):
+        shown = [template.format(metadata[name]) for name, template in STEP_FACTS.items()
+                 if metadata.get(name) is not None and not (asset != "teacher" and name == "teacher_id")]
+        facts.append(f"{asset}: {', '.join(shown)}")
+    if outcome.failed_checks:
+        facts.append("failed blocking checks: " + ", ".join(outcome.failed_checks))
+    status = "ok" if outcome.success else "FAILED"
+    click.echo(f"  {status:6} {'+'.join(outcome.assets)}{where} ({outcome.seconds:.1f} s)  " + "; ".join(facts))

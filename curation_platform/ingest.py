@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from curation_platform import storage
@@ -421,3 +422,9 @@ def write_ingestion(ingestion: ShardIngestion, out_uri: str, s3: S3Settings | No
     report = json.dumps(ingestion.report.to_dict(), indent=2, sort_keys=True).encode()
     storage.write_bytes_atomic(paths["report"], report, s3)
     return paths
+
+
+def read_captions(out_uri: str, s3: S3Settings | None = None) -> pa.Table:
+    """uid and caption of every accepted sample under ``out_uri`` (for caption-level analysis)."""
+    filesystem, local = storage.filesystem_for(storage.join(out_uri, "samples"), s3)
+    return ds.dataset(local, filesystem=filesystem, format="parquet").to_table(columns=["uid", "caption"])

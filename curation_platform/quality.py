@@ -18,6 +18,7 @@ next validation (at most ``MAX_ROWS`` rows of scalar columns).
 from __future__ import annotations
 
 import math
+import logging
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -298,6 +299,8 @@ def _batch_definition() -> Any:
     """One ephemeral context per process: a fresh one costs about 10 ms more per validation."""
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)  # not one INFO line per context
 
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)  # tqdm bars would flood logs

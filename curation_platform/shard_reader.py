@@ -61,6 +61,9 @@ class TarReadSummary:
     directories: int = 0
 
 
+BLOCK = tarfile.BLOCKSIZE
+
+
 class _HashingReader:
     """File-like wrapper hashing every byte ``tarfile`` pulls through it."""
 
@@ -68,12 +71,19 @@ class _HashingReader:
         self._raw = raw
         self.digest = hashlib.sha256()
         self.bytes_read = 0
+        self.tail = b""
 
     def read(self, size: int = -1) -> bytes:
         data = self._raw.read(size)
         self.digest.update(data)
         self.bytes_read += len(data)
+        self.tail = (self.tail + data[-BLOCK:])[-BLOCK:]
         return data
+
+    @property
+    def ended_cleanly(self) -> bool:
+        """Whole 512-byte blocks ending in a zero block: ``tarfile`` takes a cut-off header for the end."""
+        return self.bytes_read % BLOCK == 0 and self.tail == bytes(BLOCK)
 
     def drain(self) -> None:
         while self.read(1 << 20):
@@ -143,11 +153,16 @@ def iter_tar_samples(
         summary.error = f"{type(error).__name__}: {error}"
         if current is not None:
             current.flag(Reason.TRUNCATED_SHARD, f"tar broke while reading this sample: {summary.error}")
-    if current is not None:
-        yield current
     if summary.error is None:
         reader.drain()  # tar padding after the end-of-archive marker is part of the file hash
-        summary.sha256 = reader.digest.hexdigest()
+        if reader.ended_cleanly:
+            summary.sha256 = reader.digest.hexdigest()
+        else:
+            summary.error = f"tar unreadable: cut off after {reader.bytes_read} bytes, no end-of-archive block"
+            if current is not None:
+                current.flag(Reason.TRUNCATED_SHARD, "the tar ends inside or right after this sample")
+    if current is not None:
+        yield current
     summary.bytes_read = reader.bytes_read
 
 

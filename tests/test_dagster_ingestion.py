@@ -7,14 +7,8 @@ from pathlib import Path
 
 import dagster as dg
 
-from assets.definitions import defs
 from assets.ingestion import shard_discovery_sensor, shard_partitions, shard_reconciles, validated_samples
 from assets.resources import PlatformResource
-
-
-def test_definitions_load() -> None:
-    defs.resolve_all_job_defs()
-    assert dg.AssetKey("validated_samples") in defs.resolve_all_asset_keys()
 
 
 def test_sensor_and_partition_materialisation(tmp_path: Path, demo_pool_dir: Path) -> None:
@@ -49,7 +43,7 @@ def test_sensor_and_partition_materialisation(tmp_path: Path, demo_pool_dir: Pat
 
 
 def test_teacher_and_embedding_partition_materialise(tmp_path: Path, demo_pool_dir: Path) -> None:
-    from assets.embeddings import embeddings, embeddings_are_complete_and_unit_norm
+    from assets.embeddings import embeddings, embeddings_meet_expectations
     from assets.resources import TeacherResource
     from assets.teachers import teacher
     from tests.test_embedding import tiny_teacher_dir
@@ -63,7 +57,7 @@ def test_teacher_and_embedding_partition_materialise(tmp_path: Path, demo_pool_d
     instance.add_dynamic_partitions(shard_partitions.name, ["00000"])
 
     assert dg.materialize([teacher], instance=instance, resources=resources).success
-    result = dg.materialize([validated_samples, embeddings, embeddings_are_complete_and_unit_norm, teacher],
+    result = dg.materialize([validated_samples, embeddings, embeddings_meet_expectations, teacher],
                             selection=[validated_samples, embeddings], partition_key="00000",
                             instance=instance, resources=resources)
     assert result.success

@@ -131,3 +131,26 @@ def test_truncated_and_garbage_tars_do_not_crash(tmp_path: Path) -> None:
     garbage = ingest_shard(second)
     assert garbage.report.total == 2 and garbage.report.quarantined == 2
     assert garbage.report.by_reason == {Reason.MISSING_MEMBER: 2}
+
+
+def test_tar_cut_between_members_is_reported(tmp_path: Path) -> None:
+    """``tarfile`` reads a tar cut at a header boundary as a complete archive; ingestion must not."""
+    import tarfile
+
+    pool = tmp_path / "pool"
+    b = ShardBuilder(name="00000")
+    for index in range(4):
+        b.sample(f"00000{index:04d}", f"sample number {index}", image=jpeg_bytes(64, 64 + index))
+    b.write(pool)
+    tar_path = pool / "00000.tar"
+    with tarfile.open(tar_path) as archive:
+        members = archive.getmembers()
+    last = members[-1]
+    end = last.offset_data + -(-last.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+    tar_path.write_bytes(tar_path.read_bytes()[:end])  # no end-of-archive blocks
+
+    (shard,) = discover_shards(str(pool))
+    report = ingest_shard(shard).report
+    assert report.errors and "no end-of-archive block" in report.errors[0]
+    assert report.total == 4 == report.accepted + report.quarantined
+    assert report.by_reason.get(Reason.TRUNCATED_SHARD, 0) == 1

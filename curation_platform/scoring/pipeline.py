@@ -202,6 +202,8 @@ class ScoringContext:
 
 def score_rows(embeddings: pa.Table, context: ScoringContext) -> pa.Table:
     """All score columns for one shard's embedding rows (uid, shard, image/text embeddings)."""
+    if embeddings.num_rows == 0:  # a shard whose samples were all quarantined
+        return score_schema(list(context.prompt_embeddings)).empty_table()
     image, text = vectors(embeddings, "image_embedding"), vectors(embeddings, "text_embedding")
     a, chunk, params, ref = context.logit_scale, context.params.chunk, context.params, context.reference
     nan = np.full(len(image), np.nan)

@@ -19,6 +19,7 @@ from curation_platform.ingest import ingest_shard
 from curation_platform.pool import discover_shards
 from curation_platform.scoring.pipeline import (
     REFERENCE_TABLE,
+    SCORES_TABLE,
     TARGET_TABLE,
     EmbeddingSet,
     ScoreParams,
@@ -91,16 +92,22 @@ def _embed_image_folder(teacher: Teacher, folder: Path, batch_size: int) -> Embe
     return result
 
 
-def build_context(teacher: Teacher, lance_uri: str, params: ScoreParams, target: EmbeddingSet | None = None,
-                  table: str = EMBEDDINGS_TABLE, s3: S3Settings | None = None) -> ScoringContext:
-    """Draw the reference from the pool's stored embeddings, store the artefacts, embed the prompts."""
+def draw_pool_reference(teacher_id: str, lance_uri: str, size: int, seed: int, table: str = EMBEDDINGS_TABLE,
+                        s3: S3Settings | None = None) -> EmbeddingSet:
+    """Draw the marginal reference uniformly from every stored embedding of the teacher (one streaming pass)."""
     embeddings = lance_tables.connect(lance_uri, s3).open_table(table).to_lance()
     batches = embeddings.to_batches(columns=["uid", "image_embedding", "text_embedding"],
-                                    filter=f"teacher_id = {lance_tables.sql_string(teacher.teacher_id)}")
-    reference = draw_reference(iter(batches), teacher.teacher_id, params.reference_size, params.reference_seed)
-    save_set(lance_uri, REFERENCE_TABLE, reference, s3)
-    if target is not None:
-        save_set(lance_uri, TARGET_TABLE, target, s3)
+                                    filter=f"teacher_id = {lance_tables.sql_string(teacher_id)}")
+    return draw_reference(iter(batches), teacher_id, size, seed)
+
+
+def scoring_context(teacher: Teacher, params: ScoreParams, reference: EmbeddingSet,
+                    target: EmbeddingSet | None = None) -> ScoringContext:
+    """What every shard is scored against; refuses artefacts made with another teacher."""
+    for artefact in (reference, target):
+        if artefact is not None and artefact.teacher_id != teacher.teacher_id:
+            raise ValueError(f"{artefact.set_id} was embedded by {artefact.teacher_id}, not by {teacher.teacher_id}: "
+                             "draw the reference and embed the target again for this teacher")
     prompts = {}
     if params.prompts:
         tokens = teacher.tokenize(list(params.prompts)).to(teacher.device)
@@ -109,32 +116,53 @@ def build_context(teacher: Teacher, lance_uri: str, params: ScoreParams, target:
     return ScoringContext(teacher.teacher_id, teacher.logit_scale, params, reference, target, prompts)
 
 
+def build_context(teacher: Teacher, lance_uri: str, params: ScoreParams, target: EmbeddingSet | None = None,
+                  table: str = EMBEDDINGS_TABLE, s3: S3Settings | None = None) -> ScoringContext:
+    """Draw the reference from the pool's stored embeddings, store the artefacts, embed the prompts."""
+    reference = draw_pool_reference(teacher.teacher_id, lance_uri, params.reference_size, params.reference_seed,
+                                    table, s3)
+    save_set(lance_uri, REFERENCE_TABLE, reference, s3)
+    if target is not None:
+        save_set(lance_uri, TARGET_TABLE, target, s3)
+    return scoring_context(teacher, params, reference, target)
+
+
+def score_shard(context: ScoringContext, lance_uri: str, shard: str, table: str = EMBEDDINGS_TABLE,
+                s3: S3Settings | None = None) -> ShardScores:
+    """Score one stored shard of the context's teacher and replace its score rows."""
+    embeddings = lance_tables.connect(lance_uri, s3).open_table(table).to_lance()
+    rows = embeddings.to_table(
+        columns=["uid", "shard", "image_embedding", "text_embedding"],
+        filter=f"{lance_tables.partition_condition(shard, context.teacher_id)}")
+    scored = score_rows(rows, context)
+    version = write_scores(lance_uri, scored, shard, context.teacher_id, list(context.params.prompts), s3)
+    return ShardScores(shard, scored.num_rows, version)
+
+
 def score_pool(context: ScoringContext, lance_uri: str, shards: list[str] | None = None,
                table: str = EMBEDDINGS_TABLE, s3: S3Settings | None = None,
                on_shard: Callable[[ShardScores], None] | None = None) -> list[ShardScores]:
     """Score every stored shard of the teacher (or the named ones) and replace their score rows."""
-    embeddings = lance_tables.connect(lance_uri, s3).open_table(table).to_lance()
-    teacher_filter = f"teacher_id = {lance_tables.sql_string(context.teacher_id)}"
     if shards is None:
-        names = embeddings.to_table(columns=["shard"], filter=teacher_filter).column("shard")
-        shards = sorted(set(names.to_pylist()))
+        embeddings = lance_tables.connect(lance_uri, s3).open_table(table).to_lance()
+        names = embeddings.to_table(columns=["shard"],
+                                    filter=f"teacher_id = {lance_tables.sql_string(context.teacher_id)}")
+        shards = sorted(set(names.column("shard").to_pylist()))
     results = []
     for shard in shards:
-        rows = embeddings.to_table(columns=["uid", "shard", "image_embedding", "text_embedding"],
-                                   filter=f"{teacher_filter} AND shard = {lance_tables.sql_string(shard)}")
-        scored = score_rows(rows, context)
-        version = write_scores(lance_uri, scored, shard, context.teacher_id, list(context.params.prompts), s3)
-        results.append(ShardScores(shard, scored.num_rows, version))
+        results.append(score_shard(context, lance_uri, shard, table, s3))
         if on_shard:
             on_shard(results[-1])
     return results
 
 
-def read_scores(lance_uri: str, teacher_id: str, s3: S3Settings | None = None) -> pa.Table:
-    from curation_platform.scoring.pipeline import SCORES_TABLE
-
+def read_scores(lance_uri: str, teacher_id: str, s3: S3Settings | None = None, columns: list[str] | None = None,
+                shard: str | None = None) -> pa.Table:
+    """The teacher's score rows (optionally only some columns, or one shard's)."""
     table = lance_tables.connect(lance_uri, s3).open_table(SCORES_TABLE).to_lance()
-    return table.to_table(filter=f"teacher_id = {lance_tables.sql_string(teacher_id)}")
+    condition = (lance_tables.partition_condition(shard, teacher_id) if shard
+                 else f"teacher_id = {lance_tables.sql_string(teacher_id)}")
+    return table.to_table(columns=columns, filter=condition)
 
 
 def auroc(positive: np.ndarray, negative: np.ndarray) -> float:

@@ -1,0 +1,221 @@
+"""Density-ratio scores: the global reference sample and NormSim target, per-shard scores, pool statistics.
+
+Every shard is scored against the reference sample and target recorded by the latest materialisation
+of ``reference_sample`` and ``normsim_target``; these are drawn once and refreshed only on request,
+so a new shard is scored without rescoring the pool. Re-materialising either makes every shard's
+scores stale (their data versions change) and automation rescores them.
+"""
+
+import base64
+import tempfile
+from pathlib import Path
+
+import dagster as dg
+import polars as pl
+import pyarrow.parquet as pq
+
+from assets.automation import on_statistics_cron, once_available, per_shard
+from assets.embeddings import embeddings
+from assets.ingestion import shard_partitions
+from assets.quality import check_result
+from assets.resources import PlatformResource, ScoringResource, TeacherResource
+from assets.teachers import teacher
+from curation_platform import storage
+from curation_platform.analysis import write_pool_analysis
+from curation_platform.embedding.engine import EmbedConfig
+from curation_platform.ingest import read_captions
+from curation_platform.quality import scores_suite, statistics_suite
+from curation_platform.scoring.pipeline import (
+    REFERENCE_TABLE,
+    SCORE_COLUMNS,
+    SCORE_VERSION,
+    TARGET_TABLE,
+    load_set,
+    prompt_column,
+    save_set,
+)
+from curation_platform.scoring.run import draw_pool_reference, embed_target, read_scores, score_shard, scoring_context
+from curation_platform.teachers import load_teacher
+
+ALL_SHARDS = dg.AllPartitionMapping()
+
+
+@dg.asset(
+    deps=[dg.AssetDep(embeddings, partition_mapping=ALL_SHARDS), teacher],
+    group_name="scoring",
+    code_version="reference-v1",
+    kinds={"lancedb"},
+    automation_condition=once_available(),
+    description="N (image, text) pairs drawn uniformly from the whole pool's embeddings with a recorded seed: "
+                "the marginals every density ratio is estimated against.",
+)
+def reference_sample(context: dg.AssetExecutionContext, platform: PlatformResource,
+                     teacher_config: TeacherResource, scoring: ScoringResource) -> dg.MaterializeResult:
+    teacher_id = load_teacher(teacher_config.spec(platform), s3=platform.s3).teacher_id
+    reference = draw_pool_reference(teacher_id, platform.lancedb_uri, scoring.reference_size,
+                                    scoring.reference_seed, teacher_config.table, platform.s3)
+    version = save_set(platform.lancedb_uri, REFERENCE_TABLE, reference, platform.s3)
+    context.log.info(f"reference {reference.set_id}: {reference.size} of {reference.description['pool_rows']} pairs")
+    return dg.MaterializeResult(
+        data_version=dg.DataVersion(reference.set_id),
+        metadata={
+            "reference_id": reference.set_id,
+            "teacher_id": teacher_id,
+            "dagster/row_count": reference.size,
+            "pool_rows": reference.description["pool_rows"],
+            "seed": scoring.reference_seed,
+            "requested_size": scoring.reference_size,
+            "lancedb_table": f"{platform.lancedb_uri}/{REFERENCE_TABLE}",
+            "lancedb_version": version,
+        },
+    )
+
+
+@dg.asset(
+    deps=[teacher],
+    group_name="scoring",
+    code_version="target-v1",
+    kinds={"lancedb", "pytorch"},
+    automation_condition=once_available(),
+    description="Image embeddings of the NormSim target (downstream-task images); none when no target is set.",
+)
+def normsim_target(context: dg.AssetExecutionContext, platform: PlatformResource,
+                   teacher_config: TeacherResource, scoring: ScoringResource) -> dg.MaterializeResult:
+    target_uri = scoring.target(platform)
+    if target_uri is None:
+        context.log.warning("no NormSim target configured: norm_sim_2 and norm_sim_inf will be NaN")
+        return dg.MaterializeResult(data_version=dg.DataVersion("none"), metadata={"target_id": None})
+    config = teacher_config.embed_config()
+    loaded = load_teacher(teacher_config.spec(platform), device=config.resolved_device(), s3=platform.s3)
+    target = embed_target(loaded, target_uri, EmbedConfig(device=config.device, batch_size=config.batch_size,
+                                                          workers=0), platform.s3)
+    version = save_set(platform.lancedb_uri, TARGET_TABLE, target, platform.s3)
+    return dg.MaterializeResult(
+        data_version=dg.DataVersion(target.set_id),
+        metadata={
+            "target_id": target.set_id,
+            "teacher_id": loaded.teacher_id,
+            "source": target_uri,
+            "dagster/row_count": target.size,
+            "lancedb_table": f"{platform.lancedb_uri}/{TARGET_TABLE}",
+            "lancedb_version": version,
+        },
+    )
+
+
+def _latest(context: dg.AssetExecutionContext, asset: dg.AssetsDefinition, key: str) -> str | None:
+    event = context.instance.get_latest_materialization_event(asset.key)
+    if event is None or event.asset_materialization is None:
+        raise dg.Failure(f"{asset.key.to_user_string()} has not been materialised yet")
+    value = event.asset_materialization.metadata.get(key)
+    return None if value is None else value.value
+
+
+@dg.asset(
+    partitions_def=shard_partitions,
+    deps=[embeddings, dg.AssetDep(reference_sample, partition_mapping=ALL_SHARDS),
+          dg.AssetDep(normsim_target, partition_mapping=ALL_SHARDS)],
+    group_name="scoring",
+    code_version=f"scores-v{SCORE_VERSION}",
+    kinds={"lancedb"},
+    automation_condition=per_shard(),
+    description="Every score of SCORES.md for a shard's samples, plus a log importance weight per domain prompt.",
+)
+def shard_scores(context: dg.AssetExecutionContext, platform: PlatformResource,
+                 teacher_config: TeacherResource, scoring: ScoringResource) -> dg.MaterializeResult:
+    shard = platform.shard(context.partition_key)
+    loaded = load_teacher(teacher_config.spec(platform), s3=platform.s3)
+    reference = load_set(platform.lancedb_uri, REFERENCE_TABLE, _latest(context, reference_sample, "reference_id"),
+                         platform.s3)
+    target_id = _latest(context, normsim_target, "target_id")
+    target = load_set(platform.lancedb_uri, TARGET_TABLE, target_id, platform.s3) if target_id else None
+    try:
+        scoring_ctx = scoring_context(loaded, scoring.params(), reference, target)
+    except ValueError as error:
+        raise dg.Failure(str(error)) from error
+    result = score_shard(scoring_ctx, platform.lancedb_uri, shard.name, teacher_config.table, platform.s3)
+    described = scoring_ctx.describe()
+    return dg.MaterializeResult(
+        data_version=dg.DataVersion(f"{shard.checksum[:16]}-{reference.set_id}-{target_id}-v{SCORE_VERSION}"),
+        metadata={
+            "teacher_id": loaded.teacher_id,
+            "dagster/row_count": result.rows,
+            "reference_id": reference.set_id,
+            "target_id": target_id,
+            "score_version": SCORE_VERSION,
+            "params": dg.MetadataValue.json(described["params"]),
+            "neg_clip_batch_size_effective": described["neg_clip_batch_size_effective"],
+            "lancedb_table": f"{platform.lancedb_uri}/scores",
+            "lancedb_version": result.version,
+        },
+    )
+
+
+@dg.asset_check(asset=shard_scores, partitions_def=shard_partitions, blocking=True,
+                description="Great Expectations: no NaN, 0 <= D_KL <= log N, CLIPScore and NormSim_inf in [-1, 1], "
+                            "D_KLR >= 0, one row per sample.")
+def scores_meet_expectations(context: dg.AssetCheckExecutionContext, platform: PlatformResource,
+                             teacher_config: TeacherResource, scoring: ScoringResource) -> dg.AssetCheckResult:
+    shard = platform.shard(context.partition_key)
+    teacher_id = load_teacher(teacher_config.spec(platform), s3=platform.s3).teacher_id
+    rows = read_scores(platform.lancedb_uri, teacher_id, platform.s3, shard=shard.name)
+    reference_size = _latest(context, reference_sample, "dagster/row_count")
+    target_id = _latest(context, normsim_target, "target_id")
+    return check_result(scores_suite(rows, int(reference_size), target_id is not None,
+                                     [prompt_column(prompt) for prompt in scoring.prompts]))
+
+
+def _markdown_table(frame: pl.DataFrame) -> str:
+    def cell(value) -> str:
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(frame.columns) + " |", "|" + " --- |" * frame.width]
+    lines += ["| " + " | ".join(cell(value) for value in row) + " |" for row in frame.iter_rows()]
+    return "\n".join(lines)
+
+
+def _png_markdown(path: Path) -> str:
+    return f"![{path.stem}](data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()})"
+
+
+@dg.asset(
+    deps=[dg.AssetDep(shard_scores, partition_mapping=ALL_SHARDS), reference_sample],
+    group_name="statistics",
+    code_version="statistics-v1",
+    kinds={"polars", "matplotlib"},
+    automation_condition=on_statistics_cron(),
+    description="Pool-wide score summary, histograms, correlations and KL-decile n-gram coverage (SCORES.md s. 7).",
+)
+def score_statistics(context: dg.AssetExecutionContext, platform: PlatformResource,
+                     teacher_config: TeacherResource) -> dg.MaterializeResult:
+    teacher_id = load_teacher(teacher_config.spec(platform), s3=platform.s3).teacher_id
+    shards = set(context.instance.get_dynamic_partitions(shard_partitions.name))
+    scores = pl.from_arrow(read_scores(platform.lancedb_uri, teacher_id, platform.s3)).filter(
+        pl.col("shard").is_in(sorted(shards)))
+    columns = [name for name in SCORE_COLUMNS if scores[name].is_not_nan().any()]
+    captions = pl.from_arrow(read_captions(platform.validated_uri, platform.s3))
+    with tempfile.TemporaryDirectory() as scratch:
+        written = write_pool_analysis(scores, columns, scratch, captions)
+        summary = pl.read_parquet(written["summary"])
+        plots = {name: _png_markdown(path) for name, path in written.items() if name.endswith("_png")}
+        for path in written.values():
+            storage.write_bytes_atomic(storage.join(platform.analysis_uri, path.name), path.read_bytes(), platform.s3)
+    return dg.MaterializeResult(
+        metadata={
+            "teacher_id": teacher_id,
+            "dagster/row_count": scores.height,
+            "shards": scores["shard"].n_unique(),
+            "reference_ids": dg.MetadataValue.json(sorted(scores["reference_id"].unique().to_list())),
+            "summary": dg.MetadataValue.md(_markdown_table(summary)),
+            "analysis_uri": dg.MetadataValue.path(platform.analysis_uri),
+            **{name: dg.MetadataValue.md(markdown) for name, markdown in plots.items()},
+        },
+    )
+
+
+@dg.asset_check(asset=score_statistics, blocking=True,
+                description="Great Expectations: every score has values, no NaN, std >= 0, min <= mean <= max.")
+def statistics_are_sane(platform: PlatformResource) -> dg.AssetCheckResult:
+    summary_uri = storage.join(platform.analysis_uri, "summary.parquet")
+    filesystem, path = storage.filesystem_for(summary_uri, platform.s3)
+    return check_result(statistics_suite(pq.read_table(path, filesystem=filesystem)))

@@ -1,0 +1,133 @@
+"""The whole asset graph on a small demo pool: row counts, checks, blocking, incremental automation."""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+from pathlib import Path
+
+import dagster as dg
+
+from assets.definitions import build_definitions, defs
+from assets.ingestion import shard_discovery_sensor
+from assets.local_run import materialize_graph
+from assets.resources import PlatformResource, ScoringResource, TeacherResource
+from tests.test_embedding import tiny_teacher_dir
+
+PER_SHARD = ("validated_samples", "embeddings", "shard_scores")
+GLOBAL = ("teacher", "reference_sample", "normsim_target", "score_statistics")
+PROMPT = "a photo of a geometric shape"
+
+
+def test_definitions_validate() -> None:
+    dg.Definitions.validate_loadable(defs)
+    keys = {key.to_user_string() for key in defs.resolve_all_asset_keys()}
+    assert keys == set(PER_SHARD + GLOBAL)
+    checks = {key.name for key in defs.resolve_asset_graph().asset_check_keys}
+    assert {"shard_reconciles", "samples_meet_expectations", "embeddings_meet_expectations",
+            "scores_meet_expectations", "statistics_are_sane", "quarantine_rate_within_bound"} <= checks
+
+
+def _graph(tmp_path: Path, demo_pool_dir: Path) -> tuple[dg.Definitions, Path]:
+    pool = tmp_path / "pool"
+    shutil.copytree(demo_pool_dir / "pool", pool)
+    # A shard whose tar is cut short: ingestion accounts for it, the blocking check stops it there.
+    (pool / "00001.tar").write_bytes((demo_pool_dir / "pool" / "00001.tar").read_bytes()[:20_000])
+    shutil.copy(demo_pool_dir / "pool" / "00001.parquet", pool / "00001.parquet")
+    platform = PlatformResource(home_uri=str(tmp_path / "home"), pool_uri=str(pool), decode_workers=0)
+    teacher_config = TeacherResource(checkpoint=str(tiny_teacher_dir(tmp_path / "teacher")), device="cpu",
+                                     workers=0, batch_size=64)
+    scoring = ScoringResource(reference_size=100, neg_clip_batch_size=64, neg_clip_repeats=3, prompts=[PROMPT],
+                              target_uri=str(demo_pool_dir / "target"))
+    return build_definitions({}, {"platform": platform, "teacher_config": teacher_config, "scoring": scoring}), pool
+
+
+def _new_shard(pool: Path, name: str, scratch: Path) -> None:
+    """A shard with new samples (another seed of the demo generator) dropped into the pool."""
+    from curation_platform.demo import DemoPoolConfig, build_demo_pool
+
+    build_demo_pool(DemoPoolConfig(out=scratch, shards=1, samples_per_shard=60, seed=11, reference_samples=10,
+                                   target_samples=10, eval_samples=10))
+    for suffix in (".tar", ".parquet", "_stats.json"):
+        shutil.copy(scratch / "pool" / f"00000{suffix}", pool / f"{name}{suffix}")
+
+
+def _materialised(instance: dg.DagsterInstance, asset: str) -> dict[str | None, int]:
+    """Materialisations per partition of an asset."""
+    records = instance.fetch_materializations(dg.AssetKey(asset), limit=1000).records
+    counts: dict[str | None, int] = {}
+    for record in records:
+        counts[record.partition_key] = counts.get(record.partition_key, 0) + 1
+    return counts
+
+
+def _execute_requests(graph: dg.Definitions, instance: dg.DagsterInstance,
+                      result: dg.EvaluateAutomationConditionsResult) -> set[tuple[str, str | None]]:
+    """Run what the automation requested, as the daemon would (one run per partition)."""
+    by_partition: dict[str | None, list[str]] = {}
+    for asset in PER_SHARD + GLOBAL:
+        for partition in result.get_requested_partitions(dg.AssetKey(asset)):
+            by_partition.setdefault(partition, []).append(asset)
+    for partition, selection in by_partition.items():
+        outcome = dg.materialize([*graph.assets, *graph.asset_checks], selection=selection, partition_key=partition,
+                                 instance=instance, resources=graph.resources)
+        assert outcome.success
+    return {(asset, partition) for partition, selection in by_partition.items() for asset in selection}
+
+
+def test_whole_graph_then_only_the_new_shard(tmp_path: Path, demo_pool_dir: Path) -> None:
+    graph, pool = _graph(tmp_path, demo_pool_dir)
+    instance = dg.DagsterInstance.ephemeral()
+    outcomes = materialize_graph(instance, graph, retrain_teacher=True)
+
+    by_step = {(outcome.assets, outcome.partition): outcome for outcome in outcomes}
+    broken = by_step[(("validated_samples", "embeddings"), "00001")]
+    assert not broken.success and "validated_samples:shard_reconciles" in broken.failed_checks
+    assert set(broken.materialized) == {"validated_samples"}, "a failing blocking check skips the embeddings"
+    assert (("shard_scores",), "00001") not in by_step
+    good = by_step[(("validated_samples", "embeddings"), "00000")]
+    accepted = good.materialized["validated_samples"]["accepted"]
+    assert good.success and good.materialized["embeddings"]["dagster/row_count"] == accepted > 100
+    scores = by_step[(("shard_scores",), "00000")]
+    assert scores.success and scores.materialized["shard_scores"]["dagster/row_count"] == accepted
+    statistics = by_step[(("score_statistics",), None)].materialized["score_statistics"]
+    assert statistics["dagster/row_count"] == accepted and statistics["shards"] == 1
+    assert "kl_text_coverage_png" in statistics and "data:image/png;base64," in statistics["score_histograms_png"]
+    reference = by_step[(("reference_sample", "normsim_target"), None)].materialized
+    assert reference["reference_sample"]["dagster/row_count"] == 100
+    assert reference["normsim_target"]["dagster/row_count"] > 0
+    evaluations = instance.event_log_storage.get_latest_asset_check_execution_by_key(
+        [key for key in graph.resolve_asset_graph().asset_check_keys])
+    assert evaluations, "check executions are recorded"
+
+    # Nothing is out of date: the automation requests nothing.
+    start = dt.datetime.now(dt.timezone.utc)
+    idle = dg.evaluate_automation_conditions(graph, instance, evaluation_time=start)
+    assert idle.total_requested == 0
+    before = {asset: _materialised(instance, asset) for asset in PER_SHARD + GLOBAL}
+
+    # A new shard arrives: the sensor adds its partition and requests its ingestion only.
+    _new_shard(pool, "00002", tmp_path / "more")
+    sensor = shard_discovery_sensor(dg.build_sensor_context(instance=instance, resources=graph.resources))
+    assert [request.partition_key for request in sensor.run_requests] == ["00002"], "ingested shards are not re-run"
+    instance.add_dynamic_partitions("shards", list(sensor.dynamic_partitions_requests[0].partition_keys))
+    assert dg.materialize([*graph.assets, *graph.asset_checks], selection=["validated_samples"],
+                          partition_key="00002", instance=instance, resources=graph.resources).success
+
+    # Automation takes it from there, tick after tick; statistics wait for the hourly cron.
+    executed: set[tuple[str, str | None]] = set()
+    cursor = idle.cursor
+    for minutes in (1, 2, 3, 61, 62):
+        result = dg.evaluate_automation_conditions(graph, instance, cursor=cursor,
+                                                   evaluation_time=start + dt.timedelta(minutes=minutes))
+        cursor = result.cursor
+        executed |= _execute_requests(graph, instance, result)
+    assert executed == {("embeddings", "00002"), ("shard_scores", "00002"), ("score_statistics", None)}
+    after = {asset: _materialised(instance, asset) for asset in PER_SHARD + GLOBAL}
+    for asset in ("teacher", "reference_sample", "normsim_target"):
+        assert after[asset] == before[asset], f"{asset} was recomputed"
+    for asset in PER_SHARD:
+        assert after[asset]["00000"] == before[asset]["00000"], f"{asset}[00000] was recomputed"
+        assert after[asset]["00002"] == 1
+    rows = instance.get_latest_materialization_event(dg.AssetKey("score_statistics")).asset_materialization.metadata
+    assert rows["shards"].value == 2
