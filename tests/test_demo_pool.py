@@ -10,13 +10,17 @@ import tarfile
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from curation_platform.demo import CorruptionKind, CorruptionRates, DemoPoolConfig, build_demo_pool
+from curation_platform.demo.attributes import DOMAINS, sample_attributes
+from curation_platform.demo.captions import GENERIC_CAPTIONS, underspecified_caption
 from curation_platform.demo.corruptions import exact_counts
 from curation_platform.demo.evaluation import EVAL_TASKS
+from curation_platform.demo.vocabulary import COLOURS
 from curation_platform.formats.img2dataset import (
     TAR_MEMBER_MTIME,
     Img2DatasetShardWriter,
@@ -27,6 +31,7 @@ from curation_platform.formats.img2dataset import (
 SPLITS = ("pool", "reference", "target", "eval")
 SMALL = {"shards": 2, "samples_per_shard": 60, "reference_samples": 80, "target_samples": 40, "eval_samples": 50}
 UID = re.compile(r"^[0-9a-f]{32}$")
+FILE_NAME = re.compile(r"^(IMG_\d{4}\.jpg|DSC\d{5}\.JPG|image_\d+\.png|Screenshot \d+)$")
 
 
 def tree_bytes(root: Path) -> dict[str, bytes]:
@@ -214,7 +219,7 @@ def test_corruptions_look_like_what_they_claim(rates_pool: Path) -> None:
             if extension in ("jpg", "png"):
                 images[key] = data
     by_uid = {row["uid"]: key for key, row in stored.items()}
-    languages = Counter()
+    languages, flavours = Counter(), Counter()
     for key, row in truth.items():
         kind, sample = row["corruption"], stored[key]
         if kind == "failed_download":
@@ -241,9 +246,39 @@ def test_corruptions_look_like_what_they_claim(rates_pool: Path) -> None:
             assert sample["caption"] == stored[by_uid[row["corruption_detail"]]]["caption"]
         elif kind == "non_english":
             languages[row["language"]] += 1
+        elif kind == "generic_caption":
+            flavours[row["corruption_detail"]] += 1
+            if row["corruption_detail"] == "boilerplate":
+                assert row["language"] is None
+                assert sample["caption"] in GENERIC_CAPTIONS or FILE_NAME.match(sample["caption"]), sample["caption"]
+            else:
+                assert row["language"] == "en" and sample["caption"] not in GENERIC_CAPTIONS
+                assert len(sample["caption"].split()) <= 7
         elif kind == "clean":
             assert len(sample["caption"].split()) > 2 and row["language"] == "en"
     assert set(languages) == {"de", "fr", "es"}
+    assert set(flavours) == {"boilerplate", "underspecified"}
+    assert 0.2 < flavours["boilerplate"] / flavours.total() < 0.6
+
+
+def test_underspecified_captions_are_true_of_the_image_and_fit_many() -> None:
+    """An under-specified caption names at most one of the sample's attributes, and only true ones."""
+    rng = np.random.default_rng(0)
+    seen: dict[str, set[str]] = {}
+    for domain in DOMAINS:
+        for _ in range(200):
+            attributes = sample_attributes(domain, rng)
+            caption = underspecified_caption(attributes, rng)
+            seen.setdefault(caption, set()).add(domain)
+            if caption.endswith(" background"):  # the one attribute named (if any) is the background
+                assert caption.endswith((f" on a {attributes.background} background", " on a background"))
+                continue
+            words = [{"gray": "grey", "violet": "purple"}.get(word, word) for word in caption.split()]
+            colours = {getattr(attributes, name, None) for name in ("colour", "foreground", "background")}
+            assert all(word in colours for word in words if word in COLOURS), (caption, attributes)
+    assert all(len(domains) == 1 for domains in seen.values())  # on-topic: never shared across domains
+    assert len(seen) > 40
+    assert sum(caption in seen for caption in GENERIC_CAPTIONS) == 0
 
 
 def test_non_english_captions_are_detectable(rates_pool: Path) -> None:

@@ -8,6 +8,7 @@ long enough for a language identifier to recognise them.
 from __future__ import annotations
 
 from functools import singledispatch
+from typing import Literal
 
 import numpy as np
 
@@ -36,6 +37,30 @@ GENERIC_CAPTIONS = (
     "thumbnail", "no description available", "download now", "view image", "image not found",
 )
 _FILE_NAME_CAPTIONS = ("IMG_{number:04d}.jpg", "DSC{number:05d}.JPG", "image_{number}.png", "Screenshot {number}")
+
+GenericFlavour = Literal["boilerplate", "underspecified"]
+BOILERPLATE_SHARE = 0.4  # of generic captions; the rest are under-specified but on-topic
+_DOMAIN_LEVEL_SHARE = 0.5  # of under-specified captions; the rest name one true attribute
+# Under-specified captions: true of the sample's image and of most images of its domain
+# ("a photo of a dog"), worded with the domain's own vocabulary.
+_UNDERSPECIFIED_EN: dict[type, tuple[str, ...]] = {
+    ShapesAttributes: (
+        "some geometric shapes", "simple geometric shapes", "a basic geometric shape", "a shape on a background",
+        "clip art of shapes", "an illustration of some shapes", "a drawing of a shape",
+    ),
+    GlyphAttributes: (
+        "a character", "a single character", "a typography sample", "a printed character",
+        "a letter or a number", "a symbol on a background", "a picture of a character",
+    ),
+    TextureAttributes: (
+        "a pattern", "a colourful pattern", "abstract wallpaper", "a seamless texture", "a background texture",
+        "a close-up of fabric", "an abstract pattern",
+    ),
+    SceneAttributes: (
+        "a drawing of a landscape", "a cartoon landscape", "a simple illustration of the countryside",
+        "a children's drawing", "a landscape", "an outdoor scene", "a picture of the countryside",
+    ),
+}
 
 _SHAPE_NOUNS_EN = {
     "circle": ("circle", "disc", "dot"),
@@ -212,6 +237,7 @@ _SCENE_GROUND_EN = {
     "snow": ("in the snow", "on snowy ground", "in a snowy landscape"),
     "sand": ("in the desert", "on sand", "on a sandy plain"),
 }
+_SCENE_GROUND_ADJECTIVES_EN = {"grass": "grassy", "snow": "snowy", "sand": "sandy"}
 _SCENE_TEMPLATES_EN = (
     "{objects} {sky}",
     "a {time_adjective} scene with {objects} and the {celestial}",
@@ -251,11 +277,75 @@ _SCENE_TEMPLATES: dict[Language, tuple[str, ...]] = {
 }
 
 
-def generic_caption(rng: np.random.Generator) -> str:
+def generic_caption(attributes: Attributes, rng: np.random.Generator) -> tuple[str, GenericFlavour]:
+    """A caption that does not single out the image, and which flavour it is.
+
+    ``boilerplate`` (share ``BOILERPLATE_SHARE``): alt-text or a file name that says nothing about
+    any image. ``underspecified``: an on-topic caption that fits the image but also most images of
+    its domain, either domain-level ("some geometric shapes") or naming one true attribute only
+    ("a red shape"), the kind of caption a contrastive teacher finds moderately similar to many images.
+    """
+    if rng.random() < BOILERPLATE_SHARE:
+        return boilerplate_caption(rng), "boilerplate"
+    return underspecified_caption(attributes, rng), "underspecified"
+
+
+def boilerplate_caption(rng: np.random.Generator) -> str:
     """Boilerplate alt-text that says nothing about the image."""
     if rng.random() < 0.3:
         return pick(rng, _FILE_NAME_CAPTIONS).format(number=int(rng.integers(1, 10_000)))
     return pick(rng, GENERIC_CAPTIONS)
+
+
+def underspecified_caption(attributes: Attributes, rng: np.random.Generator) -> str:
+    """An English caption true of ``attributes`` that fits many other images of its domain."""
+    if rng.random() < _DOMAIN_LEVEL_SHARE:
+        return pick(rng, _UNDERSPECIFIED_EN[type(attributes)])
+    return pick(rng, _one_attribute_captions(attributes, rng))
+
+
+@singledispatch
+def _one_attribute_captions(attributes: Attributes, rng: np.random.Generator) -> tuple[str, ...]:
+    """Candidate captions of ``attributes`` that each name exactly one of its attributes."""
+    raise TypeError(f"no captions for {type(attributes).__name__}")
+
+
+@_one_attribute_captions.register
+def _(attributes: ShapesAttributes, rng: np.random.Generator) -> tuple[str, ...]:
+    colour = _colour_en(rng, attributes.colour)
+    return (
+        f"{_article(colour)} {colour} shape" if attributes.count == 1 else f"some {colour} shapes",
+        f"a shape {BACKGROUND_PHRASES['en'][attributes.background]}",
+        "a single shape" if attributes.count == 1 else f"{NUMBER_WORDS['en'][attributes.count]} shapes",
+    )
+
+
+@_one_attribute_captions.register
+def _(attributes: GlyphAttributes, rng: np.random.Generator) -> tuple[str, ...]:
+    colour = _colour_en(rng, attributes.colour)
+    return (
+        "a letter" if attributes.kind == "letter" else "a number",
+        f"{_article(colour)} {colour} character",
+        f"a character {BACKGROUND_PHRASES['en'][attributes.background]}",
+    )
+
+
+@_one_attribute_captions.register
+def _(attributes: TextureAttributes, rng: np.random.Generator) -> tuple[str, ...]:
+    colour = _colour_en(rng, pick(rng, (attributes.foreground, attributes.background)))
+    scale = pick(rng, _SCALE_WORDS_EN[attributes.scale])
+    return (f"{_article(colour)} {colour} pattern", f"{_article(scale)} {scale} pattern")
+
+
+@_one_attribute_captions.register
+def _(attributes: SceneAttributes, rng: np.random.Generator) -> tuple[str, ...]:
+    counts = {"house": attributes.houses, "tree": attributes.trees, "car": attributes.cars}
+    thing = pick(rng, [name for name in _SCENE_OBJECTS_EN if counts[name] > 0])
+    return (
+        f"a landscape {pick(rng, _SCENE_TIME_EN[attributes.time_of_day])}",
+        f"a {_SCENE_GROUND_ADJECTIVES_EN[attributes.ground]} landscape",
+        f"a drawing of {_article(thing)} {thing}",
+    )
 
 
 @singledispatch

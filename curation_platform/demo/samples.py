@@ -126,7 +126,9 @@ class GeneratedSample:
     corruption: CorruptionKind
     language: str | None
     duplicate_group: str | None  # uid of the clean original, on it and on its duplicates
-    corruption_detail: str | None  # misaligned: caption source uid; undecodable: the variant
+    # misaligned: caption source uid; undecodable: the variant; generic caption: its flavour
+    # ("boilerplate" or "underspecified")
+    corruption_detail: str | None
     image: EncodedImage | None  # None when the download failed
     error_message: str | None
 
@@ -201,8 +203,10 @@ def generate_sample(
     if kind is CorruptionKind.FAILED_DOWNLOAD:
         return replace(sample, error_message=download_error(rng))
     if kind is CorruptionKind.GENERIC_CAPTION:
-        caption = generic_caption(rng)
-        return replace(sample, caption=caption, language=None, image=stored(render_content(address, content)))
+        caption, flavour = generic_caption(content.attributes, rng)
+        language = "en" if flavour == "underspecified" else None
+        image = stored(render_content(address, content))
+        return replace(sample, caption=caption, language=language, corruption_detail=flavour, image=image)
     if kind is CorruptionKind.NON_ENGLISH:
         language = pick(rng, TRANSLATED_LANGUAGES)
         caption = describe(content.attributes, rng, language)
