@@ -4,6 +4,7 @@ import dagster as dg
 
 from assets.embeddings import embeddings, embeddings_meet_expectations
 from assets.ingestion import (
+    shard_partitions,
     quarantine_rate_within_bound,
     samples_meet_expectations,
     shard_discovery_sensor,
@@ -27,6 +28,12 @@ automation_sensor = dg.AutomationConditionSensorDefinition(
 )
 
 
+shard_pipeline = dg.define_asset_job(
+    "shard_pipeline", selection=[validated_samples, embeddings, shard_scores], partitions_def=shard_partitions,
+    description="Ingest, embed and score shards: the job behind CLI backfills and single-shard retries.",
+)
+
+
 def build_definitions(settings: dict | None = None, resources: dict | None = None) -> dg.Definitions:
     """The whole graph; ``settings`` (default: the home's ``curation.json``) seeds the scoring resource,
     ``resources`` replaces resources by key (tests, embedding the location elsewhere)."""
@@ -36,6 +43,7 @@ def build_definitions(settings: dict | None = None, resources: dict | None = Non
                 score_statistics],
         asset_checks=[shard_reconciles, samples_meet_expectations, quarantine_rate_within_bound,
                       embeddings_meet_expectations, scores_meet_expectations, statistics_are_sane],
+        jobs=[shard_pipeline],
         sensors=[shard_discovery_sensor, automation_sensor],
         resources={
             "platform": PlatformResource(),

@@ -17,8 +17,8 @@ next validation (at most ``MAX_ROWS`` rows of scalar columns).
 
 from __future__ import annotations
 
-import math
 import logging
+import math
 import os
 import threading
 from collections.abc import Callable, Sequence

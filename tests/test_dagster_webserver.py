@@ -1,4 +1,4 @@
-"""`dagster dev -w workspace.yaml` on loopback serves the asset graph and its checks over GraphQL."""
+"""`dagster dev -w workspace.yaml` (and `dg dev`) on loopback serves the asset graph and its checks over GraphQL."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+
+import pytest
 
 from assets.definitions import defs
 
@@ -55,16 +57,17 @@ def _stop(process: subprocess.Popen) -> None:
             continue
 
 
-def test_dagster_dev_lists_assets_and_checks(tmp_path: Path) -> None:
+@pytest.mark.parametrize("command", ["dagster", "dg"])
+def test_dev_server_lists_assets_and_checks(tmp_path: Path, command: str) -> None:
     dagster_home = tmp_path / "dagster"
     dagster_home.mkdir()
     (dagster_home / "dagster.yaml").write_text(INSTANCE_YAML)
     port = _free_port()
     env = os.environ | {"DAGSTER_HOME": str(dagster_home), "CURATION_HOME": str(tmp_path / "home"),
                         "DAGSTER_DISABLE_TELEMETRY": "1"}
-    dagster = Path(sys.executable).with_name("dagster")
+    executable = Path(sys.executable).with_name(command)
     log = (tmp_path / "dagster-dev.log").open("wb")
-    process = subprocess.Popen([str(dagster), "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)],
+    process = subprocess.Popen([str(executable), "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)],
                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline, answer = time.monotonic() + 180, None
