@@ -11,6 +11,7 @@ from assets.ingestion import (
     shard_reconciles,
     validated_samples,
 )
+from assets.releases import load_recipes, release_asset
 from assets.resources import PlatformResource, ScoringResource, TeacherResource, project_settings
 from assets.scoring import (
     normsim_target,
@@ -38,18 +39,20 @@ def build_definitions(settings: dict | None = None, resources: dict | None = Non
     """The whole graph; ``settings`` (default: the home's ``curation.json``) seeds the scoring resource,
     ``resources`` replaces resources by key (tests, embedding the location elsewhere)."""
     settings = project_settings() if settings is None else settings
+    resources = {
+        "platform": PlatformResource(),
+        "teacher_config": TeacherResource(),
+        "scoring": ScoringResource(**settings.get("scoring", {})),
+    } | (resources or {})
+    releases = [release_asset(recipe) for recipe in load_recipes(resources["platform"].recipes_dir)]
     return dg.Definitions(
         assets=[validated_samples, teacher, embeddings, reference_sample, normsim_target, shard_scores,
-                score_statistics],
+                score_statistics, *releases],
         asset_checks=[shard_reconciles, samples_meet_expectations, quarantine_rate_within_bound,
                       embeddings_meet_expectations, scores_meet_expectations, statistics_are_sane],
         jobs=[shard_pipeline],
         sensors=[shard_discovery_sensor, automation_sensor],
-        resources={
-            "platform": PlatformResource(),
-            "teacher_config": TeacherResource(),
-            "scoring": ScoringResource(**settings.get("scoring", {})),
-        } | (resources or {}),
+        resources=resources,
     )
 
 

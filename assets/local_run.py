@@ -1,7 +1,7 @@
 """The main job: the whole asset graph over every shard, executed in this process.
 
 Steps run in lineage order (teacher; per shard ingestion and embeddings; reference sample and
-NormSim target; per shard scores; pool statistics), each as a Dagster run recorded in the
+NormSim target; per shard scores; pool statistics; one release per recipe), each as a Dagster run recorded in the
 instance, so ``dagster dev -w workspace.yaml`` afterwards shows the same history, checks and
 metadata. A blocking check that fails skips what depends on it and is reported, not hidden.
 """
@@ -34,6 +34,9 @@ def instance_for(home: Path) -> dg.DagsterInstance:
     """The persistent instance of the project: ``$DAGSTER_HOME``, else ``<home>/dagster`` (SQLite)."""
     dagster_home = Path(os.environ.setdefault("DAGSTER_HOME", str(home / "dagster")))
     dagster_home.mkdir(parents=True, exist_ok=True)
+    config = dagster_home / "dagster.yaml"
+    if not config.exists():  # the embedded default: SQLite storage in this folder, nothing phoned home
+        config.write_text("telemetry:\n  enabled: false\n")
     return dg.DagsterInstance.get()
 
 
@@ -74,6 +77,10 @@ def materialize_graph(instance: dg.DagsterInstance, defs: dg.Definitions | None 
     for key in keys:
         step(["shard_scores"], key)
     step(["score_statistics"])
+    releases = sorted(key.to_user_string() for key in defs.resolve_all_asset_keys()
+                      if key.to_user_string().startswith("release_"))
+    for release in releases:
+        step([release])
     return outcomes
 
 

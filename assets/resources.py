@@ -70,6 +70,15 @@ class PlatformResource(dg.ConfigurableResource):
         return self.lancedb or os.environ.get("CURATION_LANCEDB") or storage.join(self.home, "lancedb")
 
     @property
+    def releases_uri(self) -> str:
+        return storage.join(self.home, "releases")
+
+    @property
+    def recipes_dir(self) -> Path:
+        """Release recipes (local files: they are code, reviewed like code)."""
+        return Path(os.environ.get("CURATION_RECIPES") or Path(self.home, "recipes"))
+
+    @property
     def analysis_uri(self) -> str:
         return storage.join(self.home, "analysis")
 

@@ -164,3 +164,10 @@ def write_bytes_atomic(uri: str, data: bytes, s3: S3Settings | None = None) -> N
         return
     with fs.open_output_stream(path) as stream:
         stream.write(data)
+
+
+def list_dirs(uri: str, s3: S3Settings | None = None) -> list[str]:
+    """Names of the folders (S3: common prefixes) directly under ``uri``, sorted; [] if it does not exist."""
+    fs, path = filesystem_for(uri, s3)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=False))
+    return sorted(info.base_name for info in infos if info.type == pafs.FileType.Directory)

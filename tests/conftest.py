@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.fs as pafs
+import polars as pl
 import pytest
 
 from curation_platform.storage import S3Settings
@@ -109,3 +110,38 @@ def demo_pool_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     build_demo_pool(DemoPoolConfig(out=out, shards=2, samples_per_shard=150, seed=7, reference_samples=200,
                                    target_samples=60, eval_samples=40))
     return out
+
+
+@pytest.fixture(scope="session")
+def scored_demo(tmp_path_factory: pytest.TempPathFactory, demo_pool_dir: Path) -> dict:
+    """A small teacher trained on the demo reference split, the pool validated, embedded and scored."""
+    from curation_platform.embedding.engine import EmbedConfig, embed_shards
+    from curation_platform.embedding.sinks import LanceSink
+    from curation_platform.ingest import ingest_shard, write_ingestion
+    from curation_platform.pool import discover_shards
+    from curation_platform.scoring.pipeline import ScoreParams
+    from curation_platform.scoring.run import build_context, embed_target, score_pool
+    from curation_platform.teachers import TeacherSpec, load_teacher
+    from curation_platform.training import ModelConfig, TrainingConfig, train_teacher
+
+    root = tmp_path_factory.mktemp("scored")
+    model = ModelConfig(embed_dim=64, vision_width=64, vision_layers=2, text_width=64, text_layers=1,
+                        image_size=32, patch_size=8)
+    config = TrainingConfig(model=model, epochs=40, batch_size=50, warmup_steps=10, lr=2e-3, seed=0)
+    train_teacher(str(demo_pool_dir / "reference"), str(root / "teacher"), config)
+    teacher = load_teacher(TeacherSpec(checkpoint=str(root / "teacher")))
+    lance = str(root / "lance")
+    cpu = EmbedConfig(device="cpu", workers=0, batch_size=128)
+    jobs = []
+    for shard in discover_shards(str(demo_pool_dir / "pool")):
+        ingestion = ingest_shard(shard)
+        write_ingestion(ingestion, str(root / "validated"))
+        jobs.append((shard, ingestion.accepted))
+    embed_shards(teacher, jobs, LanceSink(lance), cpu)
+    target = embed_target(teacher, str(demo_pool_dir / "target"), cpu)
+    params = ScoreParams(reference_size=120, neg_clip_batch_size=64, neg_clip_repeats=3,
+                         prompts=("circles squares and triangles",))
+    context = build_context(teacher, lance, params, target)
+    results = score_pool(context, lance)
+    return {"root": root, "teacher": teacher, "lance": lance, "context": context, "results": results, "jobs": jobs,
+            "truth": pl.read_parquet(demo_pool_dir / "ground_truth.parquet").filter(pl.col("split") == "pool")}

@@ -7,24 +7,17 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pyarrow as pa
-import pytest
 
-from curation_platform.embedding.engine import EmbedConfig, embed_shards
 from curation_platform.embedding.sinks import LanceSink, record_batch
-from curation_platform.ingest import ingest_shard
-from curation_platform.pool import discover_shards
 from curation_platform.scoring import clip_score, kl_divergence
 from curation_platform.scoring.pipeline import (
     REFERENCE_TABLE,
     SCORE_COLUMNS,
-    ScoreParams,
     draw_reference,
     load_set,
     prompt_column,
 )
-from curation_platform.scoring.run import auroc, build_context, embed_target, read_scores, score_pool
-from curation_platform.teachers import TeacherSpec, load_teacher
-from curation_platform.training import ModelConfig, TrainingConfig, train_teacher
+from curation_platform.scoring.run import auroc, embed_target, read_scores, score_pool
 
 
 def random_batches(n: int, batch: int, seed: int = 0) -> list[pa.RecordBatch]:
@@ -48,28 +41,6 @@ def test_reference_draw_is_seeded_uniform_and_independent_of_order() -> None:
     assert np.histogram(positions, bins=5, range=(0, 5000))[0].min() > 50
     small = draw_reference(iter(batches), "t", 10_000, seed=1)
     assert small.size == 5000  # a pool smaller than N gives the whole pool
-
-
-@pytest.fixture(scope="module")
-def scored_demo(tmp_path_factory: pytest.TempPathFactory, demo_pool_dir: Path) -> dict:
-    """A small teacher trained on the demo reference split, the pool embedded and scored."""
-    root = tmp_path_factory.mktemp("scored")
-    model = ModelConfig(embed_dim=64, vision_width=64, vision_layers=2, text_width=64, text_layers=1,
-                        image_size=32, patch_size=8)
-    config = TrainingConfig(model=model, epochs=40, batch_size=50, warmup_steps=10, lr=2e-3, seed=0)
-    train_teacher(str(demo_pool_dir / "reference"), str(root / "teacher"), config)
-    teacher = load_teacher(TeacherSpec(checkpoint=str(root / "teacher")))
-    lance = str(root / "lance")
-    cpu = EmbedConfig(device="cpu", workers=0, batch_size=128)
-    jobs = [(shard, ingest_shard(shard).accepted) for shard in discover_shards(str(demo_pool_dir / "pool"))]
-    embed_shards(teacher, jobs, LanceSink(lance), cpu)
-    target = embed_target(teacher, str(demo_pool_dir / "target"), cpu)
-    params = ScoreParams(reference_size=120, neg_clip_batch_size=64, neg_clip_repeats=3,
-                         prompts=("circles squares and triangles",))
-    context = build_context(teacher, lance, params, target)
-    results = score_pool(context, lance)
-    return {"teacher": teacher, "lance": lance, "context": context, "results": results, "jobs": jobs,
-            "truth": pl.read_parquet(demo_pool_dir / "ground_truth.parquet").filter(pl.col("split") == "pool")}
 
 
 def test_score_table_is_complete_and_idempotent(scored_demo: dict) -> None:

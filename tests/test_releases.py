@@ -1,0 +1,177 @@
+"""Releases: recipes validate, releases are reproducible, verifiable, atomic and derivable."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from curation_platform.releases import (
+    RecipeError,
+    ReleaseOptions,
+    ReleaseSources,
+    create_release,
+    derive_release,
+    diff_releases,
+    list_releases,
+    parse_recipe,
+    read_samples,
+    subset_array,
+    subset_uids,
+    verify_release,
+)
+from curation_platform.releases.store import CHECKSUMS, SAMPLES, SUBSET
+
+NEGCLIP_NORMSIM = """
+name = "negclip-normsim"
+description = "negCLIPLoss top 30%, then NormSim_inf to 20% of the pool"
+
+[[stage]]
+type = "top_fraction"
+score = "neg_clip_loss"
+fraction = 0.30
+
+[[stage]]
+type = "top_fraction"
+score = "norm_sim_inf"
+fraction = 0.20
+"""
+WEIGHTED = """
+name = "weighted"
+max_size = 50
+rank_by = "clip_score"
+
+[[stage]]
+type = "intersection"
+stages = [{type = "top_fraction", score = "clip_score", fraction = 0.5},
+          {type = "threshold", score = "kl_text", min = 0.0}]
+
+[weights]
+prompt = "circles squares and triangles"
+mode = "clipped"
+clip_at = 3.0
+"""
+
+
+@pytest.fixture()
+def sources(scored_demo: dict, demo_pool_dir: Path) -> ReleaseSources:
+    return ReleaseSources(scored_demo["lance"], str(scored_demo["root"] / "validated"),
+                          scored_demo["teacher"].teacher_id, str(demo_pool_dir / "pool"))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("name = 'x'\n[[stage]]\ntype = 'top_fraction'\nscore = 'clip_scor'\nfraction = 0.3", "unknown score 'clip_scor'"),
+    ("name = 'x'\n[[stage]]\ntype = 'top_fraction'\nscore = 'clip_score'\nfraction = 1.5", "fraction must be in (0, 1]"),
+    ("name = 'x'\n[[stage]]\ntype = 'shuffle'", "type must be one of"),
+    ("name = 'X Y'\n[[stage]]\ntype = 'basic_filter'", "name must match"),
+    ("name = 'x'", "give at least one [[stage]]"),
+    ("name = 'x'\n[[stage]]\ntype = 'basic_filter'\n[weights]\nprompt = 'p'\nmode = 'sqrt'", "mode must be one of"),
+    ("name = 'x'\nmax_size = 5\n[[stage]]\ntype = 'basic_filter'", "max_size needs rank_by"),
+    ("name = 'x'\n[[stage]]\ntype = 'threshold'\nscore = 'clip_score'", "give min, max or both"),
+    ("name = [", "not valid TOML"),
+])
+def test_recipes_are_validated_with_clear_errors(text: str, message: str) -> None:
+    with pytest.raises(RecipeError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        parse_recipe(text)
+
+
+def test_yaml_recipes_parse_like_toml() -> None:
+    recipe = parse_recipe("name: y\nstage:\n  - type: top_fraction\n    score: kl_text\n    fraction: 0.25\n",
+                          yaml_syntax=True)
+    assert recipe.scores_used() == ["kl_text"] and not recipe.needs_target()
+
+
+def test_subset_round_trips_datacomp_uid_encoding() -> None:
+    uids = ["ffffffffffffffff0000000000000001", "0123456789abcdef0123456789abcdef", "00000000000000010000000000000000"]
+    subset = subset_array(uids)
+    assert subset.dtype == np.dtype("u8,u8") and subset.tolist() == sorted(subset.tolist())
+    # DataComp's documented encoding: (int(uid[:16], 16), int(uid[16:32], 16)) per sample
+    assert set(subset.tolist()) == {(int(uid[:16], 16), int(uid[16:32], 16)) for uid in uids}
+    assert sorted(subset_uids(subset)) == sorted(uids)
+
+
+def test_release_is_reproducible_verifiable_and_far_cleaner_than_the_pool(tmp_path: Path, sources: ReleaseSources,
+                                                                        scored_demo: dict) -> None:
+    recipe = parse_recipe(NEGCLIP_NORMSIM)
+    labels = scored_demo["truth"].select("uid", pl.col("corruption").alias("label"))
+    first = create_release(recipe, sources, str(tmp_path / "releases"), ReleaseOptions(labels=labels))
+    second = create_release(recipe, sources, str(tmp_path / "releases"))
+    assert (first.version, second.version) == (1, 2)
+    for name in (SAMPLES, SUBSET):
+        assert (Path(first.uri) / name).read_bytes() == (Path(second.uri) / name).read_bytes(), name
+    manifest = first.manifest
+    pool = manifest["pool_rows"]
+    assert [stage["rows"] for stage in manifest["funnel"]] == [pool, int(0.3 * pool), int(0.2 * pool)]
+    assert manifest["recipe"]["text"] == NEGCLIP_NORMSIM and manifest["target_id"] and manifest["git_commit"]
+    assert set(manifest["lancedb_tables"]) >= {"scores", "reference_sets", "target_sets"}
+    subset = np.load(Path(first.uri) / SUBSET)
+    samples = read_samples(first)
+    assert sorted(subset_uids(subset)) == samples["uid"].to_list() and samples.columns[-1] == "weight"
+
+    # The release keeps far fewer misaligned captions than the pool has (ground truth never used to select).
+    truth = scored_demo["truth"].select("uid", "corruption")
+    pool_share = (truth.join(pl.from_arrow(_scored_uids(scored_demo)), on="uid")["corruption"] == "misaligned").mean()
+    release_share = (samples.join(truth, on="uid")["corruption"] == "misaligned").mean()
+    assert pool_share > 0.05 and release_share < pool_share / 3
+    report = (Path(first.uri) / "report" / "report.md").read_text()
+    assert "| misaligned |" in report and "figures/funnel.png" in report
+
+    assert verify_release(first.uri).ok
+    (Path(first.uri) / "report" / "report.md").write_text(report + "tampered\n")
+    tampered = verify_release(first.uri, rederive=False)
+    assert not tampered.ok and tampered.mismatched == ["report/report.md"]
+
+    # A changed uid set whose checksums were regenerated is caught by re-derivation.
+    other = Path(second.uri)
+    changed = read_samples(second).head(-1)
+    changed.write_parquet(other / SAMPLES)
+    lines = [line for line in (other / CHECKSUMS).read_text().splitlines() if not line.endswith(f"  {SAMPLES}")]
+    import hashlib
+    lines.append(f"{hashlib.sha256((other / SAMPLES).read_bytes()).hexdigest()}  {SAMPLES}")
+    (other / CHECKSUMS).write_text("\n".join(sorted(lines, key=lambda line: line.split('  ')[1])) + "\n")
+    rederived = verify_release(second.uri)
+    assert not rederived.ok and rederived.uids_identical is False and rederived.uids_removed == 1
+
+
+def _scored_uids(scored_demo: dict):
+    from curation_platform.scoring.run import read_scores
+
+    return read_scores(scored_demo["lance"], scored_demo["teacher"].teacher_id, columns=["uid"])
+
+
+def test_a_crash_mid_write_leaves_no_release(tmp_path: Path, sources: ReleaseSources) -> None:
+    releases = tmp_path / "releases"
+
+    def crash() -> None:
+        raise RuntimeError("power cut")
+
+    with pytest.raises(RuntimeError, match="power cut"):
+        create_release(parse_recipe(NEGCLIP_NORMSIM), sources, str(releases), ReleaseOptions(fail_before_publish=crash))
+    assert list_releases(str(releases)) == []
+    assert not (releases / "negclip-normsim").exists() or not any(
+        path.name.isdigit() for path in (releases / "negclip-normsim").iterdir())
+    after = create_release(parse_recipe(NEGCLIP_NORMSIM), sources, str(releases))
+    assert after.version == 1 and verify_release(after.uri).ok
+
+
+def test_derive_excludes_exactly_the_listed_uids_and_records_lineage(tmp_path: Path, sources: ReleaseSources) -> None:
+    releases = str(tmp_path / "releases")
+    parent = create_release(parse_recipe(WEIGHTED), sources, releases)
+    parent_samples = read_samples(parent)
+    assert parent_samples.height == 50 and parent_samples["weight"].max() <= 3.0
+    excluded = parent_samples["uid"].to_list()[:7] + ["f" * 32]  # one uid that was never in the release
+    child = derive_release(parent.uri, excluded, releases)
+    child_samples = read_samples(child)
+    assert set(child_samples["uid"]) == set(parent_samples["uid"]) - set(excluded)
+    assert child.manifest["parent"]["release_id"] == parent.release_id
+    assert child.manifest["exclusions"]["count"] == len(excluded)
+    assert child.manifest["lancedb_tables"] == {name: {**entry, "tag": f"release-weighted-{child.version}"}
+                                                for name, entry in parent.manifest["lancedb_tables"].items()}
+    assert verify_release(child.uri).ok
+    diff = diff_releases(parent.uri, child.uri)
+    assert (diff["added"], diff["removed"]) == (0, 7)
+    assert [item.version for item in list_releases(releases)] == [1, 2]
+    assert json.loads((Path(child.uri) / "manifest.json").read_text())["exclusions"]["sha256"]
