@@ -4,7 +4,6 @@ import dagster as dg
 
 from assets.embeddings import embeddings, embeddings_meet_expectations
 from assets.ingestion import (
-    shard_partitions,
     quarantine_rate_within_bound,
     samples_meet_expectations,
     shard_discovery_sensor,
@@ -30,7 +29,7 @@ automation_sensor = dg.AutomationConditionSensorDefinition(
 
 
 shard_pipeline = dg.define_asset_job(
-    "shard_pipeline", selection=[validated_samples, embeddings, shard_scores], partitions_def=shard_partitions,
+    "shard_pipeline", selection=[validated_samples, embeddings, shard_scores],
     description="Ingest, embed and score shards: the job behind CLI backfills and single-shard retries.",
 )
 
@@ -44,12 +43,14 @@ def build_definitions(settings: dict | None = None, resources: dict | None = Non
         "teacher_config": TeacherResource(),
         "scoring": ScoringResource(**settings.get("scoring", {})),
     } | (resources or {})
-    releases = [release_asset(recipe) for recipe in load_recipes(resources["platform"].recipes_dir)]
+    checks = [shard_reconciles, samples_meet_expectations, quarantine_rate_within_bound,
+              embeddings_meet_expectations, scores_meet_expectations, statistics_are_sane]
+    check_keys = [key for check in checks for key in check.check_keys]
+    releases = [release_asset(recipe, check_keys) for recipe in load_recipes(resources["platform"].recipes_dir)]
     return dg.Definitions(
         assets=[validated_samples, teacher, embeddings, reference_sample, normsim_target, shard_scores,
                 score_statistics, *releases],
-        asset_checks=[shard_reconciles, samples_meet_expectations, quarantine_rate_within_bound,
-                      embeddings_meet_expectations, scores_meet_expectations, statistics_are_sane],
+        asset_checks=checks,
         jobs=[shard_pipeline],
         sensors=[shard_discovery_sensor, automation_sensor],
         resources=resources,

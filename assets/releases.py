@@ -30,14 +30,14 @@ def _evaluation_labels(platform: PlatformResource) -> pl.DataFrame | None:
     return pl.read_parquet(truth).select("uid", pl.col("corruption").alias("label"))
 
 
-def _check_results(context: dg.AssetExecutionContext) -> dict:
-    """Latest status of every unpartitioned check and of each partitioned check's latest execution."""
-    graph_checks = context.repository_def.asset_graph.asset_check_keys
-    latest = context.instance.event_log_storage.get_latest_asset_check_execution_by_key(list(graph_checks))
+def _check_results(context: dg.AssetExecutionContext, check_keys: list[dg.AssetCheckKey]) -> dict:
+    """Status of the latest execution of every check of the graph (recorded in the manifest)."""
+    latest = context.instance.event_log_storage.get_latest_asset_check_execution_by_key(check_keys)
     return {key.to_user_string(): record.status.value for key, record in sorted(latest.items(), key=str) if record}
 
 
-def release_asset(recipe: Recipe) -> dg.AssetsDefinition:
+def release_asset(recipe: Recipe, check_keys: list[dg.AssetCheckKey]) -> dg.AssetsDefinition:
+    """The release asset of one recipe; ``check_keys`` are the graph's checks whose results it records."""
     name = "release_" + re.sub(r"[^a-z0-9_]", "_", recipe.name)
 
     @dg.asset(
@@ -52,7 +52,7 @@ def release_asset(recipe: Recipe) -> dg.AssetsDefinition:
                  teacher_config: TeacherResource) -> dg.MaterializeResult:
         teacher_id = load_teacher(teacher_config.spec(platform), s3=platform.s3).teacher_id
         sources = ReleaseSources(platform.lancedb_uri, platform.validated_uri, teacher_id, platform.pool, platform.s3)
-        options = ReleaseOptions(dagster_run_id=context.run_id, checks=_check_results(context),
+        options = ReleaseOptions(dagster_run_id=context.run_id, checks=_check_results(context, check_keys),
                                  labels=_evaluation_labels(platform))
         created = create_release(recipe, sources, platform.releases_uri, options)
         manifest = created.manifest

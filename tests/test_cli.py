@@ -15,7 +15,8 @@ from tests.test_hostile_shard import hostile_shard
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-@pytest.mark.parametrize("command", [[], *([name] for name in main.commands)])
+@pytest.mark.parametrize("command", [[], *([name] for name in main.commands),
+                                     *(["release", name] for name in main.commands["release"].commands)])
 def test_help_everywhere(command: list[str]) -> None:
     result = CliRunner().invoke(main, [*command, "--help"])
     assert result.exit_code == 0, result.output
@@ -36,3 +37,40 @@ def test_validate_json_accounts_for_every_sample(tmp_path: Path) -> None:
     assert report["accepted"] + report["quarantined"] == report["total"] == 24
     assert report["by_reason"]["unsafe_member_type"] == 4
     assert not any(tmp_path.glob("**/samples"))  # validate writes nothing
+
+
+def test_release_commands(tmp_path: Path, scored_demo: dict, demo_pool_dir: Path) -> None:
+    recipe = tmp_path / "kl.toml"
+    recipe.write_text('name = "kl-top"\n[[stage]]\ntype = "top_fraction"\nscore = "kl_text"\nfraction = 0.25\n')
+    common = ["--releases", str(tmp_path / "releases")]
+    create = ["release", "create", str(recipe), *common, "--lance", scored_demo["lance"],
+              "--validated", str(scored_demo["root"] / "validated"), "--pool", str(demo_pool_dir / "pool"),
+              "--labels", str(demo_pool_dir / "ground_truth.parquet")]
+    runner = CliRunner()
+    first = runner.invoke(main, create)
+    assert first.exit_code == 0, first.output
+    assert "release kl-top-1-" in first.stdout and "top_fraction(column=kl_text" in first.stdout
+    assert runner.invoke(main, create).exit_code == 0
+    listed = runner.invoke(main, ["release", "list", *common]).stdout.splitlines()
+    assert [line.split()[0] for line in listed] == ["kl-top/1", "kl-top/2"]
+    assert "teacher " in runner.invoke(main, ["release", "show", "kl-top/1", *common]).stdout
+    diff = runner.invoke(main, ["release", "diff", "kl-top/1", "kl-top", *common])
+    assert "+0 -0" in diff.stdout
+    verified = runner.invoke(main, ["release", "verify", "kl-top/2", *common])
+    assert verified.exit_code == 0 and "identical uid set" in verified.stdout
+
+    samples = tmp_path / "releases" / "kl-top" / "1" / "samples.parquet"
+    import polars as pl
+
+    excluded = pl.read_parquet(samples)["uid"].head(3).to_list()
+    (tmp_path / "bad.txt").write_text("\n".join(excluded) + "\n")
+    derived = runner.invoke(main, ["release", "derive", "--from", "kl-top/1", "--exclude", str(tmp_path / "bad.txt"),
+                                   *common])
+    assert derived.exit_code == 0 and "3 uids excluded" in derived.stdout, derived.output
+    samples.write_bytes(samples.read_bytes() + b"x")
+    tampered = runner.invoke(main, ["release", "verify", "kl-top/1", "--no-rederive", *common])
+    assert tampered.exit_code == 1 and "changed: samples.parquet" in tampered.stdout
+    bad_recipe = tmp_path / "bad.toml"
+    bad_recipe.write_text('name = "x"\n[[stage]]\ntype = "top_fraction"\nscore = "nope"\nfraction = 0.2\n')
+    refused = runner.invoke(main, ["release", "create", str(bad_recipe), *common, "--lance", scored_demo["lance"]])
+    assert refused.exit_code == 1 and "unknown score 'nope'" in refused.output

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from assets.definitions import defs
+from assets.definitions import build_definitions
+from assets.resources import PlatformResource
 
 ROOT = Path(__file__).resolve().parents[1]
 QUERY = """{ assetNodes { assetKey { path } assetChecksOrError { ... on AssetChecks { checks { name } } } } }"""
@@ -63,8 +64,13 @@ def test_dev_server_lists_assets_and_checks(tmp_path: Path, command: str) -> Non
     dagster_home.mkdir()
     (dagster_home / "dagster.yaml").write_text(INSTANCE_YAML)
     port = _free_port()
+    recipes = tmp_path / "home" / "recipes"
+    recipes.mkdir(parents=True)
+    (recipes / "kl.toml").write_text('name = "kl-top"\n[[stage]]\ntype = "top_fraction"\nscore = "kl_text"\n'
+                                     'fraction = 0.25\n')
     env = os.environ | {"DAGSTER_HOME": str(dagster_home), "CURATION_HOME": str(tmp_path / "home"),
                         "DAGSTER_DISABLE_TELEMETRY": "1"}
+    expected = build_definitions({}, {"platform": PlatformResource(home_uri=str(tmp_path / "home"))})
     executable = Path(sys.executable).with_name(command)
     log = (tmp_path / "dagster-dev.log").open("wb")
     process = subprocess.Popen([str(executable), "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)],
@@ -85,7 +91,8 @@ def test_dev_server_lists_assets_and_checks(tmp_path: Path, command: str) -> Non
         log.close()
     nodes = answer["data"]["assetNodes"]
     served = {"/".join(node["assetKey"]["path"]) for node in nodes}
-    assert served == {key.to_user_string() for key in defs.resolve_all_asset_keys()}
+    assert served == {key.to_user_string() for key in expected.resolve_all_asset_keys()}
+    assert "release_kl_top" in served
     checks = {check["name"] for node in nodes for check in node["assetChecksOrError"].get("checks", [])}
-    assert checks == {key.name for key in defs.resolve_asset_graph().asset_check_keys}
+    assert checks == {key.name for key in expected.resolve_asset_graph().asset_check_keys}
     assert process.returncode is not None
