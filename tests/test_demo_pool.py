@@ -100,6 +100,7 @@ def test_layout_on_disk(small_pool: Path) -> None:
     manifest = json.loads((small_pool / "demo_pool.json").read_text())
     assert manifest["splits"]["pool"]["samples"] == 120
     assert manifest["config"]["seed"] == 7
+    assert manifest["config"]["reference_underspecified_share"] == 0.15
 
 
 def test_webdataset_reads_the_pool(small_pool: Path) -> None:
@@ -176,6 +177,28 @@ def test_ground_truth_covers_every_row(small_pool: Path) -> None:
     assert listed == stored and len(truth) == len(stored)
     assert all(row["corruption"] == "clean" for row in truth if row["split"] != "pool")
     assert all(json.loads(row["attributes"]) for row in truth)
+
+
+def test_reference_split_has_true_underspecified_captions(tmp_path: Path, small_pool: Path) -> None:
+    """A share of reference captions are under-specified but true; images and other captions do not move."""
+    truth = pq.read_table(small_pool / "ground_truth.parquet").to_pylist()
+    details = Counter((row["split"], row["corruption_detail"]) for row in truth if row["split"] != "pool")
+    assert set(details) == {("reference", None), ("reference", "underspecified"), ("target", None), ("eval", None)}
+    assert 0 < details[("reference", "underspecified")] < 0.35 * 80  # 15% of 80 in expectation
+    without = tmp_path / "without"
+    build_demo_pool(DemoPoolConfig(out=without, seed=7, reference_underspecified_share=0.0, **SMALL))
+    by_uid = {row["uid"]: row for row in rows(without / "reference")}
+    underspecified = {row["uid"] for row in truth if row["corruption_detail"] == "underspecified"}
+    for row in rows(small_pool / "reference"):
+        original = by_uid[row["uid"]]
+        assert (row["key"], row["sha256"]) == (original["key"], original["sha256"])
+        if row["uid"] in underspecified:
+            assert row["caption"] != original["caption"] and len(row["caption"].split()) <= 7
+            assert row["caption"] not in GENERIC_CAPTIONS
+        else:
+            assert row["caption"] == original["caption"]
+    for split in ("pool", "target", "eval"):
+        assert tree_bytes(small_pool / split) == tree_bytes(without / split), split
 
 
 def test_target_split_has_only_target_domains(small_pool: Path) -> None:
@@ -305,6 +328,8 @@ def test_config_is_validated(tmp_path: Path) -> None:
         CorruptionRates(misaligned=0.9, generic_caption=0.2)
     with pytest.raises(ValueError, match="target_domains"):
         DemoPoolConfig(out=tmp_path, target_domains=("faces",))
+    with pytest.raises(ValueError, match="reference_underspecified_share"):
+        DemoPoolConfig(out=tmp_path, reference_underspecified_share=1.5)
     (tmp_path / "stale.txt").write_text("x")
     with pytest.raises(FileExistsError):
         build_demo_pool(DemoPoolConfig(out=tmp_path, shards=1, samples_per_shard=5))

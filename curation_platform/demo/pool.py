@@ -1,7 +1,8 @@
 """Build the demo pool: four disjoint splits of synthetic image-text shards plus their ground truth.
 
 ``out/pool`` is the raw pool with labelled defects, ``out/reference`` a clean split to train a
-teacher CLIP on, ``out/target`` a clean split from the target domains only (NormSim's target),
+teacher CLIP on (aligned pairs; a share of its captions are true but under-specified, as web
+alt-text is), ``out/target`` a clean split from the target domains only (NormSim's target),
 ``out/eval`` a class-balanced zero-shot evaluation split. Every split is a directory of
 img2dataset shards. ``out/ground_truth.parquet`` says what every row really is; the pipeline never
 reads it, only tests and reports do. ``out/demo_pool.json`` records the config and the counts.
@@ -18,7 +19,7 @@ import multiprocessing
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,9 @@ ProgressCallback = Callable[[str, int, int], None]
 POOL_DOMAIN_MIX = DomainMix(DOMAINS, (0.2, 0.2, 0.3, 0.3))
 GROUND_TRUTH_FILE = "ground_truth.parquet"
 MANIFEST_FILE = "demo_pool.json"
+# Web alt-text, on which real CLIP teachers are trained, holds many true but under-specified
+# captions ("a photo of a dog"); the reference split holds this share of them (see docs/scoring.md).
+REFERENCE_UNDERSPECIFIED_SHARE = 0.15
 EVAL_LABELS_FILE = "eval_labels.parquet"
 EVAL_CLASSES_FILE = "eval_classes.json"
 # Stats timestamps are simulated (2023-11-14T22:13:20Z onwards) so output is byte-identical.
@@ -81,6 +85,8 @@ class DemoPoolConfig:
     workers: int = 1
     rates: CorruptionRates = field(default_factory=CorruptionRates)
     target_domains: tuple[str, ...] = ("shapes", "glyphs")
+    # Share of reference captions replaced by true but under-specified ones (still clean pairs).
+    reference_underspecified_share: float = REFERENCE_UNDERSPECIFIED_SHARE
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out", Path(self.out))
@@ -91,6 +97,10 @@ class DemoPoolConfig:
         for name in ("seed", "reference_samples", "target_samples", "eval_samples"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+        if not 0 <= self.reference_underspecified_share <= 1:
+            raise ValueError(
+                f"reference_underspecified_share must be in [0, 1], got {self.reference_underspecified_share}"
+            )
         unknown = set(self.target_domains) - set(DOMAINS)
         if not self.target_domains or unknown:
             raise ValueError(f"target_domains must be a non-empty subset of {DOMAINS}, got {self.target_domains}")
@@ -109,6 +119,7 @@ class DemoPoolConfig:
             "target_samples": self.target_samples,
             "eval_samples": self.eval_samples,
             "target_domains": list(self.target_domains),
+            "reference_underspecified_share": self.reference_underspecified_share,
             "rates": self.rates.to_dict(),
         }
 
@@ -176,6 +187,7 @@ class _SplitPlan:
     mix: DomainMix
     corruptions: CorruptionPlan | None = None  # pool only
     labelled: bool = False  # eval only
+    underspecified_share: float = 0.0  # reference only
 
 
 @dataclass(frozen=True)
@@ -272,7 +284,8 @@ def _plan_splits(config: DemoPoolConfig) -> list[_SplitPlan]:
     )
     return [
         _SplitPlan("pool", config.pool_samples, POOL_DOMAIN_MIX, corruptions=pool_plan),
-        _SplitPlan("reference", config.reference_samples, DomainMix.uniform(DOMAINS)),
+        _SplitPlan("reference", config.reference_samples, DomainMix.uniform(DOMAINS),
+                   underspecified_share=config.reference_underspecified_share),
         _SplitPlan("target", config.target_samples, DomainMix.uniform(config.target_domains)),
         _SplitPlan("eval", config.eval_samples, DomainMix.uniform(DOMAINS), labelled=True),
     ]
@@ -284,7 +297,7 @@ def _shard_jobs(config: DemoPoolConfig, split: _SplitPlan, directory: Path, key_
         stop = min(start + config.samples_per_shard, split.samples)
         # Each job carries only its own window of the pool's corruption plan.
         corruptions = split.corruptions.window(start, stop) if split.corruptions else None
-        shard_split = _SplitPlan(split.name, split.samples, split.mix, corruptions, split.labelled)
+        shard_split = replace(split, corruptions=corruptions)
         yield _ShardJob(config.seed, shard_split, directory, shard_index, start, stop, key_digits)
 
 
@@ -316,7 +329,8 @@ def _write_shard(job: _ShardJob) -> _ShardResult:
     with Img2DatasetShardWriter(job.directory, job.shard_index, job.key_digits, clock=_simulated_clock(job)) as writer:
         for index in range(job.start, job.stop):
             label = eval_label(index) if split.labelled else None
-            sample = generate_sample(SampleAddress(job.seed, split.name, index), mix, split.corruptions, label)
+            sample = generate_sample(SampleAddress(job.seed, split.name, index), mix, split.corruptions, label,
+                                     split.underspecified_share)
             if sample.image is None:
                 key = writer.add_failure(
                     uid=sample.uid, url=sample.url, caption=sample.caption, error_message=sample.error_message or ""

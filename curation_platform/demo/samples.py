@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from curation_platform.demo.attributes import Attributes, domain_of, pick, sample_attributes
-from curation_platform.demo.captions import describe, generic_caption
+from curation_platform.demo.captions import describe, generic_caption, underspecified_caption
 from curation_platform.demo.corruptions import (
     CorruptionKind,
     CorruptionPlan,
@@ -52,6 +52,7 @@ class Stream(IntEnum):
     RENDER = 1  # layout jitter inside the renderer
     CORRUPTION = 2  # everything a defect decides
     PLAN = 3  # the split-wide corruption assignment (index 0)
+    CAPTION = 4  # whether a clean sample of a split with an under-specified share gets one
 
 
 def stream_rng(seed: int, split: str, stream: Stream, index: int = 0) -> np.random.Generator:
@@ -127,7 +128,8 @@ class GeneratedSample:
     language: str | None
     duplicate_group: str | None  # uid of the clean original, on it and on its duplicates
     # misaligned: caption source uid; undecodable: the variant; generic caption: its flavour
-    # ("boilerplate" or "underspecified")
+    # ("boilerplate" or "underspecified"); a clean sample with a true but under-specified caption
+    # (reference split only): "underspecified"
     corruption_detail: str | None
     image: EncodedImage | None  # None when the download failed
     error_message: str | None
@@ -176,8 +178,16 @@ def generate_sample(
     mix: DomainMix,
     plan: CorruptionPlan | None = None,
     label: EvalLabel | None = None,
+    underspecified_share: float = 0.0,
 ) -> GeneratedSample:
-    """The sample at ``address``; ``plan`` (pool only) decides its defect, ``label`` (eval only) its class."""
+    """The sample at ``address``; ``plan`` (pool only) decides its defect, ``label`` (eval only) its class.
+
+    ``underspecified_share`` (reference split only): the probability that a clean sample's caption is
+    replaced by a true but under-specified one ("some geometric shapes", "a red shape"), as web
+    alt-text often is. Such a sample stays clean (its caption is aligned with its image); the ground
+    truth records ``corruption_detail = "underspecified"``. The draw has its own stream, so images and
+    every other caption are the same whatever the share.
+    """
     content = draw_content(address, mix, label)
     kind = plan.kind(address.index) if plan else CorruptionKind.CLEAN
     duplicated = plan is not None and plan.is_duplicated(address.index)
@@ -199,7 +209,13 @@ def generate_sample(
         return encode(image, content.image_format, content.jpeg_quality)
 
     if kind is CorruptionKind.CLEAN:
-        return replace(sample, image=stored(render_content(address, content)))
+        image = stored(render_content(address, content))
+        if underspecified_share > 0:
+            caption_rng = address.rng(Stream.CAPTION)
+            if caption_rng.random() < underspecified_share:
+                caption = underspecified_caption(content.attributes, caption_rng)
+                return replace(sample, caption=caption, corruption_detail="underspecified", image=image)
+        return replace(sample, image=image)
     if kind is CorruptionKind.FAILED_DOWNLOAD:
         return replace(sample, error_message=download_error(rng))
     if kind is CorruptionKind.GENERIC_CAPTION:
