@@ -8,7 +8,7 @@ from assets.quality import check_result
 from assets.resources import PlatformResource, TeacherResource
 from assets.teachers import teacher
 from curation_platform.embedding.engine import embed_shard
-from curation_platform.embedding.sinks import LanceSink
+from curation_platform.embedding.sinks import LanceSink, embedding_schema
 from curation_platform.ingest import read_accepted
 from curation_platform.quality import embeddings_suite
 from curation_platform.teachers import load_teacher
@@ -44,6 +44,8 @@ def embeddings(context: dg.AssetExecutionContext, platform: PlatformResource,
             "lancedb_table": f"{platform.lancedb_uri}/{teacher_config.table}",
             "lancedb_version": report.commit.version if report.commit else None,
             "embed_dim": loaded.embed_dim,
+            "dagster/column_schema": dg.TableSchema(columns=[
+                dg.TableColumn(field.name, str(field.type)) for field in embedding_schema(loaded.embed_dim)]),
         },
     )
 

@@ -24,6 +24,17 @@ from curation_platform.validation import ValidationLimits
 SETTINGS_FILE = "curation.json"
 
 
+PROFILES = ("local", "production")
+
+
+def profile() -> str:
+    """``$CURATION_PROFILE``: ``local`` (the embedded default) or ``production`` (everything on S3)."""
+    name = os.environ.get("CURATION_PROFILE", "local")
+    if name not in PROFILES:
+        raise ValueError(f"CURATION_PROFILE must be one of {PROFILES}, got {name!r}")
+    return name
+
+
 def project_home() -> str:
     """``$CURATION_HOME``, else ``./curation_home`` (as the CLI resolves it)."""
     home = os.environ.get("CURATION_HOME", "curation_home")
@@ -56,6 +67,18 @@ class PlatformResource(dg.ConfigurableResource):
     @property
     def home(self) -> str:
         return self.home_uri or project_home()
+
+    def check_profile(self) -> None:
+        """In production every location is on S3: a local default there would strand data on one worker."""
+        if profile() != "production":
+            return
+        local = {name: uri for name, uri in (("CURATION_HOME", self.home), ("CURATION_POOL", self.pool),
+                                              ("CURATION_LANCEDB", self.lancedb_uri)) if not storage.is_s3(uri)}
+        if local:
+            raise dg.Failure(f"CURATION_PROFILE=production needs s3:// locations; local: {local}")
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        self.check_profile()
 
     @property
     def pool(self) -> str:

@@ -8,6 +8,7 @@ scores stale (their data versions change) and automation rescores them.
 
 import base64
 import tempfile
+import time
 from pathlib import Path
 
 import dagster as dg
@@ -33,6 +34,7 @@ from curation_platform.scoring.pipeline import (
     load_set,
     prompt_column,
     save_set,
+    score_schema,
 )
 from curation_platform.scoring.run import draw_pool_reference, embed_target, read_scores, score_shard, scoring_context
 from curation_platform.teachers import load_teacher
@@ -133,7 +135,9 @@ def shard_scores(context: dg.AssetExecutionContext, platform: PlatformResource,
         scoring_ctx = scoring_context(loaded, scoring.params(), reference, target)
     except ValueError as error:
         raise dg.Failure(str(error)) from error
+    started = time.perf_counter()
     result = score_shard(scoring_ctx, platform.lancedb_uri, shard.name, teacher_config.table, platform.s3)
+    seconds = time.perf_counter() - started
     described = scoring_ctx.describe()
     return dg.MaterializeResult(
         data_version=dg.DataVersion(f"{shard.checksum[:16]}-{reference.set_id}-{target_id}-v{SCORE_VERSION}"),
@@ -145,6 +149,10 @@ def shard_scores(context: dg.AssetExecutionContext, platform: PlatformResource,
             "score_version": SCORE_VERSION,
             "params": dg.MetadataValue.json(described["params"]),
             "neg_clip_batch_size_effective": described["neg_clip_batch_size_effective"],
+            "seconds": dg.MetadataValue.float(seconds),
+            "samples_per_second": dg.MetadataValue.float(result.rows / max(seconds, 1e-9)),
+            "dagster/column_schema": dg.TableSchema(columns=[
+                dg.TableColumn(field.name, str(field.type)) for field in score_schema(scoring.prompts)]),
             "lancedb_table": f"{platform.lancedb_uri}/scores",
             "lancedb_version": result.version,
         },

@@ -66,3 +66,15 @@ def test_teacher_and_embedding_partition_materialise(tmp_path: Path, demo_pool_d
     assert metadata["rows"].value == accepted
     (check,) = result.get_asset_check_evaluations()
     assert check.passed and check.metadata["rows"].value == accepted
+
+
+def test_production_profile_refuses_local_locations(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("CURATION_PROFILE", "production")
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(shard_partitions.name, ["00000"])
+    platform = PlatformResource(home_uri=str(tmp_path / "home"), pool_uri=str(tmp_path / "pool"))
+    result = dg.materialize([validated_samples], partition_key="00000", instance=instance,
+                            resources={"platform": platform}, raise_on_error=False)
+    assert not result.success
+    failure = result.all_events[-1].event_specific_data.error.to_string()
+    assert "CURATION_PROFILE=production needs s3:// locations" in failure
