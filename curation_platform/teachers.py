@@ -142,7 +142,37 @@ class Teacher:
 
     @torch.inference_mode()
     def encode_texts(self, tokens: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.model.encode_text(tokens).float(), dim=-1)
+        """Token ids (N, context_length) -> L2-normalised float32 embeddings."""
+        if not self._text_is_trimmable:
+            return F.normalize(self.model.encode_text(tokens).float(), dim=-1)
+        return F.normalize(self._encode_trimmed(tokens).float(), dim=-1)
+
+    @property
+    def _text_is_trimmable(self) -> bool:
+        """CLIP's causal text tower pooled at the end token never reads the padding after it."""
+        import open_clip  # already imported: the model is an open_clip model
+
+        model = self.model
+        return (isinstance(model, open_clip.model.CLIP) and model.text_pool_type in ("argmax", "eos")
+                and model.attn_mask is not None)
+
+    def _encode_trimmed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``encode_text`` on the batch cut to its longest caption: the same embeddings (the causal
+        mask hides the padding from every earlier position) for context_length / longest fewer FLOPs."""
+        from open_clip.transformer import text_global_pool
+
+        model = self.model
+        used = (tokens != 0).any(dim=0).nonzero()
+        length = int(used.max()) + 1 if used.numel() else 1
+        tokens = tokens[:, :length]
+        cast_dtype = model.transformer.get_cast_dtype()
+        x = model.token_embedding(tokens).to(cast_dtype) + model.positional_embedding[:length].to(cast_dtype)
+        x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:length, :length]))
+        x = text_global_pool(x, tokens, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
+        if model.text_projection is None:
+            return x
+        return model.text_projection(x) if isinstance(model.text_projection, torch.nn.Linear) \
+            else x @ model.text_projection
 
     def describe(self) -> dict[str, Any]:
         """What manifests and metadata record about the teacher."""

@@ -273,3 +273,16 @@ def test_datacomp_npz_import(tmp_path: Path, demo_pool_dir: Path) -> None:
     assert np.allclose(got, expected / np.linalg.norm(expected), atol=1e-6)
     with pytest.raises(ValueError, match="512-d|dimension|vectors"):
         import_npz(shard, samples, sink, model="b32")  # 512-d vectors do not fit the 768-d table
+
+
+def test_text_tower_on_trimmed_tokens_matches_the_full_context(teacher: Teacher) -> None:
+    """The engine cuts token batches to their longest caption; CLIP's causal tower gives the same output."""
+    import torch.nn.functional as F
+
+    assert teacher._text_is_trimmable
+    for captions in (["a red shape", "image", "two large red triangles on a cream background"],
+                     ["word " * 100, "a red shape"], [""]):
+        tokens = teacher.tokenize(captions)
+        with torch.inference_mode():
+            full = F.normalize(teacher.model.encode_text(tokens).float(), dim=-1)
+        assert torch.allclose(teacher.encode_texts(tokens), full, atol=1e-5)
