@@ -255,6 +255,8 @@ def test_production_stack(tmp_path: Path, s3_server: S3Settings, demo_pool_dir: 
                 _stop_group(process, timeout=5)
             assert process.returncode == 0, f"dagster {' '.join(args[:4])} failed:\n{output[-6000:]}"
 
+        # The gpu pool limit, set explicitly as infra/README.md prescribes (default_limit alone races).
+        cli("instance", "concurrency", "set", "gpu", "1", timeout=60)
         daemon_log = (tmp_path / "daemon.log").open("wb")
         daemon = subprocess.Popen([str(BIN / "dagster-daemon"), "run", "-w", "workspace.yaml"], cwd=ROOT, env=env,
                                   stdout=daemon_log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -306,6 +308,11 @@ def test_production_stack(tmp_path: Path, s3_server: S3Settings, demo_pool_dir: 
             _wait(lambda: materialized("embeddings", keys), 200, "embeddings of every shard", run_summary)
             _wait(idle, 90, "the embeddings runs (and their checks) to finish", run_summary)
             print(f"embedded after {time.monotonic() - started:.0f} s\n{timeline()}")
+            gpu_runs = sorted((record.start_time, record.end_time) for record in instance.get_run_records()
+                              if dg.AssetKey("embeddings") in (record.dagster_run.asset_selection or set()))
+            assert len(gpu_runs) == len(keys) and all(start is not None and end is not None for start, end in gpu_runs)
+            assert all(later[0] >= earlier[1] for earlier, later in zip(gpu_runs, gpu_runs[1:])), \
+                f"embedding runs overlapped although the gpu pool allows one:\n{timeline()}"
 
             # A run worker killed mid-shard (SIGKILL to the run worker and its step process, launched by the
             # daemon): the run is marked failed (the code server sees its worker die; the max-runtime tag makes
