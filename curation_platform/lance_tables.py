@@ -55,24 +55,30 @@ def open_or_create(database: Any, name: str, schema: pa.Schema, primary_key: Seq
             return database.open_table(name)  # another writer created it first
 
 
+SAME_SHARD = "target.shard = source.shard"
+
+
 def replace_partition(
     open_table: Callable[[], Any],
     primary_key: Sequence[str],
     condition: str,
     rows: Callable[[], pa.RecordBatchReader],
     max_attempts: int = 8,
+    update_only_where: str | None = SAME_SHARD,
 ) -> int:
     """Make the rows matching ``condition`` exactly ``rows()``; returns the committed table version.
 
     ``open_table`` and ``rows`` are called again on every attempt (a fresh handle sees the other
-    writers' commits; a reader can be consumed once).
+    writers' commits; a reader can be consumed once). A matched row is only overwritten where
+    ``update_only_where`` holds: by default a shard never takes over another shard's rows (the same
+    uids in two shards), so such rows stay missing from the second shard, where its check sees them.
     """
     for attempt in range(1, max_attempts + 1):
         table = open_table()
         try:
             (
                 table.merge_insert(list(primary_key))
-                .when_matched_update_all()
+                .when_matched_update_all(where=update_only_where)
                 .when_not_matched_insert_all()
                 .when_not_matched_by_source_delete(condition)
                 .execute(rows())

@@ -286,3 +286,25 @@ def test_text_tower_on_trimmed_tokens_matches_the_full_context(teacher: Teacher)
         with torch.inference_mode():
             full = F.normalize(teacher.model.encode_text(tokens).float(), dim=-1)
         assert torch.allclose(teacher.encode_texts(tokens), full, atol=1e-5)
+
+
+def test_a_shard_never_takes_over_another_shards_rows(tmp_path: Path) -> None:
+    """The same uids in a second shard: the first shard's rows stay, the second's are visibly missing."""
+    from curation_platform import lance_tables
+    from curation_platform.embedding.sinks import PRIMARY_KEY, embedding_schema, record_batch, vectors
+
+    sink = LanceSink(str(tmp_path / "lance"))
+    x = np.eye(8, dtype=np.float32)[:3]
+    uids = [f"{i:032x}" for i in range(3)]
+
+    def commit(shard: str) -> None:
+        rows = pa.Table.from_batches([record_batch(uids, "t", shard, x, x)]).cast(embedding_schema(8))
+        lance_tables.replace_partition(lambda: sink.open_table(8), PRIMARY_KEY,
+                                       lance_tables.partition_condition(shard, "t"), rows.to_reader)
+
+    commit("a")
+    commit("b")
+    assert sink.read_shard("a", "t", 8).num_rows == 3 and sink.read_shard("b", "t", 8).num_rows == 0
+    commit("a")  # re-embedding the owner still replaces its rows
+    rows = sink.read_shard("a", "t", 8)
+    assert rows.num_rows == 3 and np.allclose(vectors(rows, "image_embedding"), x)

@@ -152,7 +152,7 @@ def save_set(lance_uri: str, table: str, embedding_set: EmbeddingSet, s3: S3Sett
     return lance_tables.replace_partition(
         lambda: lance_tables.open_or_create(database, table, schema, ["row_key"]), ["row_key"],
         f"set_id = {lance_tables.sql_string(embedding_set.set_id)}",
-        lambda: pa.RecordBatchReader.from_batches(schema, data.to_batches()),
+        lambda: pa.RecordBatchReader.from_batches(schema, data.to_batches()), update_only_where=None,
     )
 
 
