@@ -6,11 +6,10 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 
-from assets.resources import PlatformResource, TeacherResource
-from assets.scoring import score_statistics
+from assets.resources import PlatformResource
+from assets.scoring import score_statistics, teacher_id_of
 from curation_platform import storage
 from curation_platform.releases import Recipe, ReleaseOptions, ReleaseSources, create_release, load_recipe
-from curation_platform.teachers import load_teacher
 
 RECIPE_SUFFIXES = (".toml", ".yaml", ".yml")
 
@@ -48,9 +47,8 @@ def release_asset(recipe: Recipe, check_keys: list[dg.AssetCheckKey]) -> dg.Asse
         kinds={"parquet", "numpy"},
         description=f"Release of recipe {recipe.name!r}: {recipe.description}",
     )
-    def _release(context: dg.AssetExecutionContext, platform: PlatformResource,
-                 teacher_config: TeacherResource) -> dg.MaterializeResult:
-        teacher_id = load_teacher(teacher_config.spec(platform), s3=platform.s3).teacher_id
+    def _release(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
+        teacher_id = teacher_id_of(context)
         sources = ReleaseSources(platform.lancedb_uri, platform.validated_uri, teacher_id, platform.pool, platform.s3)
         options = ReleaseOptions(dagster_run_id=context.run_id, checks=_check_results(context, check_keys),
                                  labels=_evaluation_labels(platform))

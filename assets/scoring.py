@@ -53,7 +53,7 @@ ALL_SHARDS = dg.AllPartitionMapping()
 )
 def reference_sample(context: dg.AssetExecutionContext, platform: PlatformResource,
                      teacher_config: TeacherResource, scoring: ScoringResource) -> dg.MaterializeResult:
-    teacher_id = load_teacher(teacher_config.spec(platform), s3=platform.s3).teacher_id
+    teacher_id = teacher_id_of(context)
     reference = draw_pool_reference(teacher_id, platform.lancedb_uri, scoring.reference_size,
                                     scoring.reference_seed, teacher_config.table, platform.s3)
     version = save_set(platform.lancedb_uri, REFERENCE_TABLE, reference, platform.s3)
@@ -105,12 +105,18 @@ def normsim_target(context: dg.AssetExecutionContext, platform: PlatformResource
     )
 
 
-def _latest(context: dg.AssetExecutionContext, asset: dg.AssetsDefinition, key: str) -> str | None:
+def _latest(context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext, asset: dg.AssetsDefinition,
+            key: str) -> str | None:
     event = context.instance.get_latest_materialization_event(asset.key)
     if event is None or event.asset_materialization is None:
         raise dg.Failure(f"{asset.key.to_user_string()} has not been materialised yet")
     value = event.asset_materialization.metadata.get(key)
     return None if value is None else value.value
+
+
+def teacher_id_of(context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext) -> str:
+    """The teacher_id the ``teacher`` asset recorded: no need to load the weights just to name them."""
+    return _latest(context, teacher, "teacher_id")
 
 
 @dg.asset(
@@ -163,9 +169,9 @@ def shard_scores(context: dg.AssetExecutionContext, platform: PlatformResource,
                 description="Great Expectations: no NaN, 0 <= D_KL <= log N, CLIPScore and NormSim_inf in [-1, 1], "
                             "D_KLR >= 0, one row per sample.")
 def scores_meet_expectations(context: dg.AssetCheckExecutionContext, platform: PlatformResource,
-                             teacher_config: TeacherResource, scoring: ScoringResource) -> dg.AssetCheckResult:
+                             scoring: ScoringResource) -> dg.AssetCheckResult:
     shard = platform.shard(context.partition_key)
-    teacher_id = load_teacher(teacher_config.spec(platform), s3=platform.s3).teacher_id
+    teacher_id = teacher_id_of(context)
     rows = read_scores(platform.lancedb_uri, teacher_id, platform.s3, shard=shard.name)
     reference_size = _latest(context, reference_sample, "dagster/row_count")
     target_id = _latest(context, normsim_target, "target_id")
@@ -194,9 +200,8 @@ def _png_markdown(path: Path) -> str:
     automation_condition=on_statistics_cron(),
     description="Pool-wide score summary, histograms, correlations and KL-decile n-gram coverage (SCORES.md s. 7).",
 )
-def score_statistics(context: dg.AssetExecutionContext, platform: PlatformResource,
-                     teacher_config: TeacherResource) -> dg.MaterializeResult:
-    teacher_id = load_teacher(teacher_config.spec(platform), s3=platform.s3).teacher_id
+def score_statistics(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
+    teacher_id = teacher_id_of(context)
     shards = set(context.instance.get_dynamic_partitions(shard_partitions.name))
     scores = pl.from_arrow(read_scores(platform.lancedb_uri, teacher_id, platform.s3)).filter(
         pl.col("shard").is_in(sorted(shards)))
