@@ -81,7 +81,7 @@ def _execute_requests(graph: dg.Definitions, instance: dg.DagsterInstance,
 
 def test_whole_graph_then_only_the_new_shard(tmp_path: Path, demo_pool_dir: Path) -> None:
     graph, pool = _graph(tmp_path, demo_pool_dir)
-    instance = dg.DagsterInstance.ephemeral()
+    instance = dg.DagsterInstance.ephemeral(tempdir=str(tmp_path / "dagster"))
     outcomes = materialize_graph(instance, graph, retrain_teacher=True)
 
     by_step = {(outcome.assets, outcome.partition): outcome for outcome in outcomes}

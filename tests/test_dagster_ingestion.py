@@ -15,7 +15,7 @@ def test_sensor_and_partition_materialisation(tmp_path: Path, demo_pool_dir: Pat
     pool = tmp_path / "pool"
     shutil.copytree(demo_pool_dir / "pool", pool)
     platform = PlatformResource(home_uri=str(tmp_path / "home"), pool_uri=str(pool), decode_workers=0)
-    instance = dg.DagsterInstance.ephemeral()
+    instance = dg.DagsterInstance.ephemeral(tempdir=str(tmp_path / "dagster"))
 
     def evaluate(cursor: str | None) -> dg.SensorResult:
         context = dg.build_sensor_context(instance=instance, cursor=cursor, resources={"platform": platform})
@@ -53,7 +53,7 @@ def test_teacher_and_embedding_partition_materialise(tmp_path: Path, demo_pool_d
     teacher_config = TeacherResource(checkpoint=str(tiny_teacher_dir(tmp_path / "teacher")), device="cpu",
                                      workers=0, batch_size=64)
     resources = {"platform": platform, "teacher_config": teacher_config}
-    instance = dg.DagsterInstance.ephemeral()
+    instance = dg.DagsterInstance.ephemeral(tempdir=str(tmp_path / "dagster"))
     instance.add_dynamic_partitions(shard_partitions.name, ["00000"])
 
     assert dg.materialize([teacher], instance=instance, resources=resources).success
@@ -70,7 +70,7 @@ def test_teacher_and_embedding_partition_materialise(tmp_path: Path, demo_pool_d
 
 def test_production_profile_refuses_local_locations(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("CURATION_PROFILE", "production")
-    instance = dg.DagsterInstance.ephemeral()
+    instance = dg.DagsterInstance.ephemeral(tempdir=str(tmp_path / "dagster"))
     instance.add_dynamic_partitions(shard_partitions.name, ["00000"])
     platform = PlatformResource(home_uri=str(tmp_path / "home"), pool_uri=str(tmp_path / "pool"))
     result = dg.materialize([validated_samples], partition_key="00000", instance=instance,

@@ -24,10 +24,10 @@ from safetensors.torch import save_file
 
 from curation_platform.embedding.engine import EmbedConfig, embed_shard, embed_shards
 from curation_platform.embedding.precomputed import import_npz
-from curation_platform.embedding.quality import embedding_quality
 from curation_platform.embedding.sinks import ArrowSink, LanceSink, NullSink
 from curation_platform.ingest import ingest_shard
 from curation_platform.pool import ShardRef, discover_shards
+from curation_platform.quality import embeddings_suite
 from curation_platform.storage import S3Settings
 from curation_platform.teachers import Teacher, TeacherSpec, load_teacher, save_teacher_directory
 from tests.conftest import upload_directory
@@ -120,8 +120,8 @@ def test_embeddings_are_unit_norm_and_match_a_direct_forward(tmp_path: Path, tea
     sink = LanceSink(str(tmp_path / "lance"))
     report = embed_shard(teacher, shard, samples, sink, CPU)
     rows = sink.read_shard(shard.name, teacher.teacher_id, 32)
-    quality = embedding_quality(rows, samples.column("uid").to_pylist(), 32)
-    assert quality.passed, quality
+    quality = embeddings_suite(rows, samples.column("uid").to_pylist(), 32)
+    assert quality.success, quality.to_metadata()
     assert report.rows == samples.num_rows == rows.num_rows
 
     # the engine's device-side normalisation matches open_clip's own transform on the same image
@@ -206,7 +206,7 @@ def test_concurrent_writers_and_kill_retry_leave_exact_rows(tmp_path: Path, teac
     sink = LanceSink(lance_uri)
     for shard, samples in validated:
         rows = sink.read_shard(shard.name, teacher.teacher_id, 32)
-        assert embedding_quality(rows, samples.column("uid").to_pylist(), 32).passed
+        assert embeddings_suite(rows, samples.column("uid").to_pylist(), 32).success
     before = sink.open_table(32).count_rows()
 
     # a writer killed mid-shard leaves the committed state untouched; the retry commits exactly once
@@ -231,7 +231,7 @@ def test_arrow_and_null_sinks_agree_with_lance(tmp_path: Path, teacher: Teacher,
     embed_shard(teacher, shard, samples, null, CPU)
     stored = pa.ipc.open_file(arrow.path(shard.name, teacher.teacher_id)).read_all()
     assert stored.num_rows == null.rows == samples.num_rows
-    assert embedding_quality(stored, samples.column("uid").to_pylist(), 32).passed
+    assert embeddings_suite(stored, samples.column("uid").to_pylist(), 32).success
 
 
 @pytest.mark.s3
@@ -245,7 +245,7 @@ def test_s3_teacher_and_s3_lance_table(tmp_path: Path, s3_server: S3Settings, te
     embed_shard(remote_teacher, shard, samples, sink, CPU)
     embed_shard(remote_teacher, shard, samples, sink, CPU)
     rows = sink.read_shard(shard.name, teacher.teacher_id, 32)
-    assert embedding_quality(rows, samples.column("uid").to_pylist(), 32).passed
+    assert embeddings_suite(rows, samples.column("uid").to_pylist(), 32).success
 
 
 def test_datacomp_npz_import(tmp_path: Path, demo_pool_dir: Path) -> None:
@@ -265,7 +265,7 @@ def test_datacomp_npz_import(tmp_path: Path, demo_pool_dir: Path) -> None:
     commit = import_npz(shard, samples, sink, model="l14")
     stored = sink.read_shard(shard.name, "datacomp-openai-vit-l-14", 768)
     assert commit.rows == stored.num_rows == samples.num_rows
-    assert embedding_quality(stored, samples.column("uid").to_pylist(), 768).passed
+    assert embeddings_suite(stored, samples.column("uid").to_pylist(), 768).success
     keys = pq.read_table(pool / "00000.parquet", columns=["key"]).column("key").to_pylist()
     first = samples.slice(0, 1).to_pylist()[0]
     expected = arrays["l14_img"][keys.index(first["key"])].astype(np.float32)

@@ -32,6 +32,7 @@ SAMPLE_COLUMNS = ("uid", "shard", "key", "caption", "language", "caption_words",
 FONT = "DejaVu Sans"
 STYLE = {"font.family": [FONT], "font.size": 9.0, "axes.titlesize": 10.0}
 DPI = 100
+FUNNEL_LABEL_CHARS = 48  # stage labels wrap so the bars keep their width
 THUMB = 96
 GRID_COLUMNS = 8
 CAPTION_WIDTH, CAPTION_LINES = 24, 3
@@ -94,9 +95,10 @@ def _funnel_section(funnel: Sequence[Mapping[str, Any]], figures: Path, written:
     first = funnel[0]["rows_in"] if funnel else 0
     rows = [(_cell(s["stage"]), f"{s['rows_in']:,}", f"{s['rows_out']:,}", _percent(s["rows_out"], s["rows_in"]),
              _percent(s["rows_out"], first)) for s in funnel]
-    figure = Figure(figsize=(8.0, 0.45 * len(funnel) + 1.4), layout="constrained")
+    labels = [textwrap.fill(str(s["stage"]), width=FUNNEL_LABEL_CHARS) for s in funnel]
+    lines = sum(label.count("\n") + 1 for label in labels)
+    figure = Figure(figsize=(10.0, 0.3 * lines + 0.2 * len(funnel) + 1.4), layout="constrained")
     axis = figure.subplots()
-    labels = [str(s["stage"]) for s in funnel]
     counts = [s["rows_out"] for s in funnel]
     bars = axis.barh(range(len(funnel)), counts, color=SELECTED_COLOUR)
     axis.bar_label(bars, labels=[f"{c:,} ({_percent(c, first)})" for c in counts], padding=3, fontsize=8)
