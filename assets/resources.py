@@ -197,6 +197,7 @@ class ScoringResource(dg.ConfigurableResource):
     importance_scale: float = 10.0
     prompts: list[str] = []
     target_uri: str | None = None
+    statistics_max_rows: int = 2_000_000  # larger pools are analysed on a uniform uid sample of this size
 
     def params(self) -> ScoreParams:
         return ScoreParams(

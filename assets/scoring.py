@@ -35,8 +35,16 @@ from curation_platform.scoring.pipeline import (
     prompt_column,
     save_set,
     score_schema,
+    uid_sample_bound,
 )
-from curation_platform.scoring.run import draw_pool_reference, embed_target, read_scores, score_shard, scoring_context
+from curation_platform.scoring.run import (
+    count_scores,
+    draw_pool_reference,
+    embed_target,
+    read_scores,
+    score_shard,
+    scoring_context,
+)
 from curation_platform.teachers import load_teacher
 
 ALL_SHARDS = dg.AllPartitionMapping()
@@ -200,13 +208,17 @@ def _png_markdown(path: Path) -> str:
     automation_condition=on_statistics_cron(),
     description="Pool-wide score summary, histograms, correlations and KL-decile n-gram coverage (SCORES.md s. 7).",
 )
-def score_statistics(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
+def score_statistics(context: dg.AssetExecutionContext, platform: PlatformResource,
+                     scoring: ScoringResource) -> dg.MaterializeResult:
     teacher_id = teacher_id_of(context)
     shards = set(context.instance.get_dynamic_partitions(shard_partitions.name))
-    scores = pl.from_arrow(read_scores(platform.lancedb_uri, teacher_id, platform.s3)).filter(
-        pl.col("shard").is_in(sorted(shards)))
+    pool_rows = count_scores(platform.lancedb_uri, teacher_id, platform.s3)
+    uid_below = uid_sample_bound(pool_rows, scoring.statistics_max_rows)
+    scores = pl.from_arrow(read_scores(platform.lancedb_uri, teacher_id, platform.s3,
+                                       columns=["uid", "shard", "reference_id", *SCORE_COLUMNS],
+                                       uid_below=uid_below)).filter(pl.col("shard").is_in(sorted(shards)))
     columns = [name for name in SCORE_COLUMNS if scores[name].is_not_nan().any()]
-    captions = pl.from_arrow(read_captions(platform.validated_uri, platform.s3))
+    captions = pl.from_arrow(read_captions(platform.validated_uri, platform.s3, uid_below))
     with tempfile.TemporaryDirectory() as scratch:
         written = write_pool_analysis(scores, columns, scratch, captions)
         summary = pl.read_parquet(written["summary"])
@@ -216,7 +228,10 @@ def score_statistics(context: dg.AssetExecutionContext, platform: PlatformResour
     return dg.MaterializeResult(
         metadata={
             "teacher_id": teacher_id,
-            "dagster/row_count": scores.height,
+            "dagster/row_count": pool_rows,
+            "rows_analysed": scores.height,
+            "sample": "every row" if uid_below is None else f"uid < {uid_below!r} (uniform, at most "
+                                                             f"{scoring.statistics_max_rows:,} rows)",
             "shards": scores["shard"].n_unique(),
             "reference_ids": dg.MetadataValue.json(sorted(scores["reference_id"].unique().to_list())),
             "summary": dg.MetadataValue.md(_markdown_table(summary)),

@@ -230,7 +230,7 @@ def embed(pool_uri: str, validated_uri: str, lance_uri: str, table: str, teacher
 def _score(lance_uri: str, spec, target_uri: str | None, params, analysis_dir: Path | None,
            validated_uri: str | None = None) -> None:
     from curation_platform.embedding.engine import EmbedConfig
-    from curation_platform.scoring.run import build_context, embed_target, read_scores, score_pool
+    from curation_platform.scoring.run import build_context, embed_target, score_pool
     from curation_platform.teachers import load_teacher
 
     teacher = load_teacher(spec)
@@ -247,19 +247,24 @@ def _score(lance_uri: str, spec, target_uri: str | None, params, analysis_dir: P
     click.echo(f"scored {rows} samples of {len(results)} shards in {time.perf_counter() - started:.1f} s "
                f"into {lance_uri}/scores")
     if analysis_dir:
-        _analyse(read_scores(lance_uri, teacher.teacher_id), analysis_dir, validated_uri)
+        _analyse(lance_uri, teacher.teacher_id, analysis_dir, validated_uri)
 
 
-def _analyse(scores, out: Path, validated_uri: str | None) -> None:
-    """Summary, histograms, correlations and (with captions) KL-decile n-gram coverage, as PNG + parquet."""
+def _analyse(lance_uri: str, teacher_id: str, out: Path, validated_uri: str | None,
+             max_rows: int = 2_000_000) -> None:
+    """Summary, histograms, correlations and (with captions) KL-decile n-gram coverage, as PNG + parquet,
+    on a uniform uid sample of at most ``max_rows`` scored samples."""
     import polars as pl
 
     from curation_platform.analysis import write_pool_analysis
-    from curation_platform.scoring.pipeline import SCORE_COLUMNS
+    from curation_platform.ingest import read_captions
+    from curation_platform.scoring.pipeline import SCORE_COLUMNS, uid_sample_bound
+    from curation_platform.scoring.run import count_scores, read_scores
 
-    frame = pl.from_arrow(scores)
+    uid_below = uid_sample_bound(count_scores(lance_uri, teacher_id), max_rows)
+    frame = pl.from_arrow(read_scores(lance_uri, teacher_id, columns=["uid", *SCORE_COLUMNS], uid_below=uid_below))
     columns = [name for name in SCORE_COLUMNS if frame[name].is_not_nan().any()]
-    captions = pl.scan_parquet(f"{validated_uri}/samples/*.parquet") if validated_uri else None
+    captions = pl.from_arrow(read_captions(validated_uri, uid_below=uid_below)) if validated_uri else None
     written = write_pool_analysis(frame, columns, out, captions)
     click.echo("analysis: " + ", ".join(str(path) for name, path in written.items() if name.endswith("_png")))
 

@@ -424,7 +424,9 @@ def write_ingestion(ingestion: ShardIngestion, out_uri: str, s3: S3Settings | No
     return paths
 
 
-def read_captions(out_uri: str, s3: S3Settings | None = None) -> pa.Table:
-    """uid and caption of every accepted sample under ``out_uri`` (for caption-level analysis)."""
+def read_captions(out_uri: str, s3: S3Settings | None = None, uid_below: str | None = None) -> pa.Table:
+    """uid and caption of every accepted sample under ``out_uri`` (or of those with ``uid < uid_below``)."""
     filesystem, local = storage.filesystem_for(storage.join(out_uri, "samples"), s3)
-    return ds.dataset(local, filesystem=filesystem, format="parquet").to_table(columns=["uid", "caption"])
+    condition = None if uid_below is None else ds.field("uid") < uid_below
+    return ds.dataset(local, filesystem=filesystem, format="parquet").to_table(columns=["uid", "caption"],
+                                                                             filter=condition)

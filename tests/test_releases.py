@@ -91,6 +91,46 @@ def test_subset_round_trips_datacomp_uid_encoding() -> None:
     # DataComp's documented encoding: (int(uid[:16], 16), int(uid[16:32], 16)) per sample
     assert set(subset.tolist()) == {(int(uid[:16], 16), int(uid[16:32], 16)) for uid in uids}
     assert sorted(subset_uids(subset)) == sorted(uids)
+    raw = np.random.default_rng(0).bytes(16 * 1000)
+    random_uids = [raw[i:i + 16].hex() for i in range(0, len(raw), 16)]
+    assert subset_array(random_uids).tolist() == sorted((int(u[:16], 16), int(u[16:], 16)) for u in random_uids)
+    for malformed in ("0" * 31, "0" * 33, "g" * 32, "0" * 30 + "-1"):
+        with pytest.raises(ValueError, match="32 hexadecimal digits"):
+            subset_array([uids[0], malformed])
+
+
+def test_scores_from_mixed_references_are_refused(tmp_path: Path, sources: ReleaseSources) -> None:
+    import shutil
+
+    from curation_platform import lance_tables
+
+    lance = tmp_path / "lance"
+    shutil.copytree(sources.lance_uri, lance)
+    table = lance_tables.connect(str(lance)).open_table("scores")
+    one_shard = table.to_lance().to_table(columns=["shard"], limit=1).column("shard")[0].as_py()
+    table.update(where=f"shard = '{one_shard}'", values={"reference_id": "an-older-reference"})
+    stale = ReleaseSources(str(lance), sources.validated_uri, sources.teacher_id)
+    with pytest.raises(RecipeError, match=r"differ in \['reference_id'\]: re-score"):
+        create_release(parse_recipe(NEGCLIP_NORMSIM), stale, str(tmp_path / "releases"))
+    assert not (tmp_path / "releases").exists()
+
+
+def test_large_pool_reports_draw_a_uid_sample_and_select_from_every_row(tmp_path: Path, sources: ReleaseSources,
+                                                                          monkeypatch) -> None:
+    from curation_platform.releases import store
+
+    recipe = parse_recipe(NEGCLIP_NORMSIM)
+    whole = create_release(recipe, sources, str(tmp_path / "whole"))
+    monkeypatch.setattr(store, "REPORT_MAX_ROWS", whole.manifest["pool_rows"] // 4)
+    sampled = create_release(recipe, sources, str(tmp_path / "sampled"))
+    for name in (SAMPLES, SUBSET):  # selection reads every row whatever the report draws
+        assert (Path(whole.uri) / name).read_bytes() == (Path(sampled.uri) / name).read_bytes(), name
+    report = (Path(sampled.uri) / "report" / "report.md").read_text()
+    line = next(line for line in report.splitlines() if line.startswith("| figures_from |"))
+    drawn = int(line.split("a uniform sample of ")[1].split(" pool rows")[0].replace(",", ""))
+    assert abs(drawn - whole.manifest["pool_rows"] / 4) < 60 and "figures_from" not in (
+        Path(whole.uri) / "report" / "report.md").read_text()
+    assert verify_release(sampled.uri).ok
 
 
 def test_release_is_reproducible_verifiable_and_far_cleaner_than_the_pool(tmp_path: Path, sources: ReleaseSources,

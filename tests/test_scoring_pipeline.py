@@ -16,8 +16,16 @@ from curation_platform.scoring.pipeline import (
     draw_reference,
     load_set,
     prompt_column,
+    uid_sample_bound,
 )
-from curation_platform.scoring.run import auroc, embed_target, read_scores, score_pool
+from curation_platform.ingest import read_captions
+from curation_platform.scoring.run import (
+    auroc,
+    count_scores,
+    embed_target,
+    read_scores,
+    score_pool,
+)
 
 
 def random_batches(n: int, batch: int, seed: int = 0) -> list[pa.RecordBatch]:
@@ -71,6 +79,19 @@ def test_score_table_is_complete_and_idempotent(scored_demo: dict) -> None:
     assert np.abs(got - expected_kl).max() < 1e-6
     assert np.abs(np.array([by_uid[u]["clip_score"] for u in rows.column("uid").to_pylist()])
                   - clip_score(image, text)).max() < 1e-6
+
+
+def test_uid_bound_samples_scores_and_captions_alike(scored_demo: dict) -> None:
+    lance, teacher_id = scored_demo["lance"], scored_demo["teacher"].teacher_id
+    rows = count_scores(lance, teacher_id)
+    assert uid_sample_bound(rows, rows) is None
+    bound = uid_sample_bound(rows, rows // 4)
+    sample = read_scores(lance, teacher_id, columns=["uid"], uid_below=bound).column("uid").to_pylist()
+    expected, spread = rows / 4, 4 * np.sqrt(rows / 4 * 0.75)
+    assert abs(len(sample) - expected) < spread and all(uid < bound for uid in sample)
+    captions = read_captions(str(scored_demo["root"] / "validated"), uid_below=bound).column("uid").to_pylist()
+    assert set(captions) == set(sample)  # the same samples on both sides of the join
+    assert read_scores(lance, teacher_id, columns=["uid"], uid_below=bound).column("uid").to_pylist() == sample
 
 
 def test_scores_measure_what_the_papers_say_on_the_demo_pool(scored_demo: dict) -> None:

@@ -20,7 +20,7 @@ import shutil
 import subprocess
 import tempfile
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,13 @@ from pyarrow import fs as pafs
 
 from curation_platform import __version__, lance_tables, storage
 from curation_platform.releases.recipe import Recipe, RecipeError, parse_recipe
-from curation_platform.scoring.pipeline import REFERENCE_TABLE, SCORE_COLUMNS, SCORES_TABLE, TARGET_TABLE
+from curation_platform.scoring.pipeline import (
+    REFERENCE_TABLE,
+    SCORE_COLUMNS,
+    SCORES_TABLE,
+    TARGET_TABLE,
+    uid_sample_bound,
+)
 from curation_platform.selection import SelectionResult, run_selection
 from curation_platform.storage import S3Settings
 
@@ -46,6 +52,7 @@ EXCLUDED = "excluded_uids.txt"
 SAMPLE_COLUMNS = ("uid", "key", "shard", "shard_id", "caption", "language", "caption_words", "caption_chars",
                   "width", "height", "aspect_ratio", "image_offset", "image_bytes")
 TABLES = (SCORES_TABLE, REFERENCE_TABLE, TARGET_TABLE)
+REPORT_MAX_ROWS = 2_000_000  # larger pools are drawn in the report from a uniform uid sample of this size
 
 
 @dataclass(frozen=True)
@@ -84,42 +91,109 @@ def table_versions(sources: ReleaseSources) -> dict[str, int]:
     return {name: database.open_table(name).version for name in TABLES if name in names}
 
 
-def pool_frame(sources: ReleaseSources, versions: dict[str, int]) -> pl.DataFrame:
-    """One row per scored sample of the teacher at the given table versions, joined with its metadata."""
+SCORE_PROVENANCE = ("score_version", "score_params", "reference_id", "target_id")
+
+
+def _scores_at(sources: ReleaseSources, versions: dict[str, int]) -> Any:
     table = lance_tables.connect(sources.lance_uri, sources.s3).open_table(SCORES_TABLE)
     table.checkout(versions[SCORES_TABLE])
-    scores = table.to_lance().to_table(filter=f"teacher_id = {lance_tables.sql_string(sources.teacher_id)}")
-    if scores.num_rows == 0:
+    return table.to_lance()
+
+
+def _teacher_filter(sources: ReleaseSources) -> str:
+    return f"teacher_id = {lance_tables.sql_string(sources.teacher_id)}"
+
+
+def score_provenance(sources: ReleaseSources, versions: dict[str, int]) -> dict[str, Any]:
+    """The score version, parameters, reference and target that every one of the teacher's score rows
+    was computed with, read batch by batch; a table that mixes them cannot be released from."""
+    scanner = _scores_at(sources, versions).scanner(columns=list(SCORE_PROVENANCE), filter=_teacher_filter(sources))
+    seen: set[tuple] = set()
+    for batch in scanner.to_batches():
+        distinct = pa.Table.from_batches([batch]).group_by(list(SCORE_PROVENANCE)).aggregate([])
+        seen.update(tuple(row[name] for name in SCORE_PROVENANCE) for row in distinct.to_pylist())
+    if not seen:
+        raise RecipeError(f"no scores of teacher {sources.teacher_id} in {sources.lance_uri}")
+    if len(seen) > 1:
+        mixed = sorted({name for name in SCORE_PROVENANCE if len({combo[SCORE_PROVENANCE.index(name)]
+                                                                   for combo in seen}) > 1})
+        raise RecipeError(f"the score rows of teacher {sources.teacher_id} differ in {mixed}: re-score the stale "
+                          "shards against the current reference and target before releasing")
+    (values,) = seen
+    provenance = dict(zip(SCORE_PROVENANCE, values))
+    provenance["score_params"] = json.loads(provenance["score_params"])
+    return provenance
+
+
+def _frame_of(batches: Any, schema: pa.Schema, columns: list[str]) -> pl.DataFrame:
+    """Arrow batches into one polars frame, converting batch by batch so Arrow copies stay one batch large."""
+    frames = [pl.from_arrow(batch) for batch in batches if batch.num_rows]
+    if not frames:
+        return pl.from_arrow(schema.empty_table().select(columns))
+    return pl.concat(frames, rechunk=False)
+
+
+def pool_frame(sources: ReleaseSources, versions: dict[str, int], columns: Sequence[str] | None = None,
+               uid_below: str | None = None) -> pl.DataFrame:
+    """One row per scored sample of the teacher at the given table versions, joined with its metadata,
+    sorted by uid.
+
+    ``columns`` (besides uid, shard, key and shard_id, always read) projects the score and sample
+    columns, so a selection holds only what its recipe reads; ``uid_below`` reads a uniform sample
+    (:func:`curation_platform.scoring.pipeline.uid_sample_bound`). The per-table constants come from
+    :func:`score_provenance`. Memory per row: BENCHMARKS.md, "Pool-wide steps".
+    """
+    dataset = _scores_at(sources, versions)
+    score_columns = [name for name in dataset.schema.names if name not in ("row_key", "teacher_id", *SCORE_PROVENANCE)
+                     and (columns is None or name in ("uid", "shard", *columns))]
+    condition = _teacher_filter(sources) + ("" if uid_below is None else f" AND uid < {lance_tables.sql_string(uid_below)}")
+    scores = _frame_of(dataset.to_batches(columns=score_columns, filter=condition), dataset.schema,
+                       score_columns).sort("uid")
+    if scores.height == 0 and uid_below is None:
         raise RecipeError(f"no scores of teacher {sources.teacher_id} in {sources.lance_uri}")
     filesystem, local = storage.filesystem_for(storage.join(sources.validated_uri, "samples"), sources.s3)
-    samples = ds.dataset(local, filesystem=filesystem, format="parquet").to_table(columns=list(SAMPLE_COLUMNS))
-    frame = pl.from_arrow(scores).drop("row_key").join(pl.from_arrow(samples).drop("shard"), on="uid", how="inner")
-    if frame.height != scores.num_rows:
-        raise RecipeError(f"{scores.num_rows - frame.height} scored samples have no validated metadata in "
+    parquet = ds.dataset(local, filesystem=filesystem, format="parquet")
+    sample_columns = ["uid", *(name for name in SAMPLE_COLUMNS if name not in score_columns
+                               and (columns is None or name in ("key", "shard_id", *columns)))]
+    samples = _frame_of(parquet.to_batches(columns=sample_columns, filter=None if uid_below is None
+                                           else ds.field("uid") < uid_below), parquet.schema, sample_columns)
+    frame = scores.join(samples, on="uid", how="inner", maintain_order="left")
+    if frame.height != scores.height:
+        raise RecipeError(f"{scores.height - frame.height} scored samples have no validated metadata in "
                           f"{sources.validated_uri}: re-ingest or re-score")
-    return frame.sort("uid")
+    return frame
+
+
+def available_columns(sources: ReleaseSources, versions: dict[str, int]) -> list[str]:
+    """Every score column of the table version and every sample column a recipe may name."""
+    return [*_scores_at(sources, versions).schema.names, *SAMPLE_COLUMNS]
+
+
+def selection_frame(recipe: Recipe, sources: ReleaseSources, versions: dict[str, int]) -> pl.DataFrame:
+    """The pool frame with only the columns the recipe reads, after checking that they all exist."""
+    available = available_columns(sources, versions)
+    recipe.check_columns(available, [name for name in available if name.startswith("iw_")])
+    return pool_frame(sources, versions, recipe.scores_used())
 
 
 def _input_shards(frame: pl.DataFrame, sources: ReleaseSources) -> list[dict[str, Any]]:
     """Each input shard with the content checksum it was validated from."""
-    shards = frame.select("shard", "shard_id").unique().sort("shard")
+    shards = frame.group_by("shard", "shard_id").agg(pl.len().alias("samples")).sort("shard")
     result = []
-    for shard, shard_id in shards.iter_rows():
+    for shard, shard_id, samples in shards.iter_rows():
         report_uri = storage.join(sources.validated_uri, "reports", f"{shard}.json")
         report = json.loads(storage.read_bytes(report_uri, sources.s3)) if storage.exists(report_uri, sources.s3) else {}
-        result.append({"shard": shard, "shard_id": shard_id, "checksum": report.get("checksum"),
-                       "samples": int(frame.filter(pl.col("shard") == shard).height)})
+        result.append({"shard": shard, "shard_id": shard_id, "checksum": report.get("checksum"), "samples": samples})
     return result
 
 
 # -- selecting ----------------------------------------------------------------------------------
 
-def select(recipe: Recipe, frame: pl.DataFrame, sources: ReleaseSources,
+def select(recipe: Recipe, frame: pl.DataFrame, sources: ReleaseSources, provenance: dict[str, Any],
            embeddings_version: int | None = None) -> tuple[SelectionResult, pl.Series]:
-    """Run the recipe on the pool frame; returns the selection and the final uids (after size bounds)."""
-    prompts = [name for name in frame.columns if name.startswith("iw_")]
-    recipe.check_columns(frame.columns, prompts)
-    if recipe.needs_target() and frame["target_id"].is_null().all():
+    """Run the recipe on its :func:`selection_frame`; returns the selection and the final uids (after size
+    bounds)."""
+    if recipe.needs_target() and provenance["target_id"] is None:
         raise RecipeError(f"recipe {recipe.name!r} uses NormSim but the scores have no NormSim target: "
                           "score with a target first")
     selection = run_selection(frame.lazy(), recipe.policies(_embedding_fetcher(sources, embeddings_version)))
@@ -171,10 +245,25 @@ def weights(recipe: Recipe, selected: pl.DataFrame) -> pl.Series:
 
 # -- artefacts ----------------------------------------------------------------------------------
 
+_NIBBLE = np.full(256, 255, np.uint8)
+_NIBBLE[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16)
+_NIBBLE[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16)
+
+
 def subset_array(uids: list[str]) -> np.ndarray:
-    """DataComp's subset: sorted ``(int(uid[:16], 16), int(uid[16:32], 16))`` pairs, dtype ``u8,u8``."""
-    pairs = sorted((int(uid[:16], 16), int(uid[16:32], 16)) for uid in uids)
-    return np.array(pairs, dtype=np.dtype("u8,u8"))
+    """DataComp's subset: sorted ``(int(uid[:16], 16), int(uid[16:32], 16))`` pairs, dtype ``u8,u8``.
+
+    Decoded in numpy (a lookup table over the uids' ASCII bytes), not per uid in Python.
+    """
+    chars = np.frombuffer(np.asarray(uids, dtype="S33").tobytes(), np.uint8).reshape(len(uids), 33)
+    nibbles = _NIBBLE[chars[:, :32]]
+    if (nibbles == 255).any() or chars[:, 32].any():
+        raise ValueError("DataComp subsets need uids of exactly 32 hexadecimal digits")
+    halves = np.ascontiguousarray((nibbles[:, 0::2] << 4) | nibbles[:, 1::2]).view(">u8")
+    pairs = np.empty(len(uids), dtype=np.dtype("u8,u8"))
+    pairs["f0"], pairs["f1"] = halves[:, 0], halves[:, 1]
+    pairs.sort(order=["f0", "f1"])
+    return pairs
 
 
 def subset_uids(subset: np.ndarray) -> list[str]:
@@ -292,8 +381,9 @@ def create_release(recipe: Recipe, sources: ReleaseSources, releases_uri: str,
                    options: ReleaseOptions = ReleaseOptions(), versions: dict[str, int] | None = None) -> Release:
     """Select, write every file into a local staging folder, pin the table versions, publish."""
     versions = versions or table_versions(sources)
-    frame = pool_frame(sources, versions)
-    selection, uids = select(recipe, frame, sources, versions.get("embeddings"))
+    provenance = score_provenance(sources, versions)
+    frame = selection_frame(recipe, sources, versions)
+    selection, uids = select(recipe, frame, sources, provenance, versions.get("embeddings"))
     if options.exclude:
         uids = uids.filter(~uids.is_in(list(options.exclude)))
     version = _next_version(releases_uri, recipe.name, sources.s3)
@@ -310,10 +400,10 @@ def create_release(recipe: Recipe, sources: ReleaseSources, releases_uri: str,
         (staging / recipe_file).write_text(recipe.text)
         if options.exclude:
             (staging / EXCLUDED).write_text("\n".join(sorted(options.exclude)) + "\n")
-        manifest = _manifest(recipe, recipe_file, sources, versions, frame, selection, funnel, samples, version,
-                             _sha256(samples_bytes), options)
+        manifest = _manifest(recipe, recipe_file, sources, versions, provenance, frame, selection, funnel, samples,
+                             version, _sha256(samples_bytes), options)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        _write_report(staging, recipe, frame, samples, funnel, manifest, sources, options.labels)
+        _write_report(staging, recipe, frame, samples, funnel, manifest, sources, versions, options.labels)
         _write_checksums(staging)
         if options.fail_before_publish:
             options.fail_before_publish()
@@ -323,9 +413,8 @@ def create_release(recipe: Recipe, sources: ReleaseSources, releases_uri: str,
 
 
 def _manifest(recipe: Recipe, recipe_file: str, sources: ReleaseSources, versions: dict[str, int],
-              frame: pl.DataFrame, selection: SelectionResult, funnel: list[dict], samples: pa.Table,
-              version: int, samples_sha256: str, options: ReleaseOptions) -> dict[str, Any]:
-    first = frame.row(0, named=True)
+              provenance: dict[str, Any], frame: pl.DataFrame, selection: SelectionResult, funnel: list[dict],
+              samples: pa.Table, version: int, samples_sha256: str, options: ReleaseOptions) -> dict[str, Any]:
     exclude_text = "\n".join(sorted(options.exclude)) + "\n" if options.exclude else None
     return {
         "release_id": f"{recipe.name}-{version}-{samples_sha256[:12]}",
@@ -335,10 +424,7 @@ def _manifest(recipe: Recipe, recipe_file: str, sources: ReleaseSources, version
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "recipe": {"file": recipe_file, "text": recipe.text, "sha256": recipe.sha256},
         "teacher_id": sources.teacher_id,
-        "score_version": first["score_version"],
-        "score_params": json.loads(first["score_params"]),
-        "reference_id": first["reference_id"],
-        "target_id": first["target_id"],
+        **provenance,
         "sources": sources.describe(),
         "lancedb_tables": {name: {"version": number, "tag": _tag(recipe.name, version)}
                            for name, number in sorted(versions.items())},
@@ -363,18 +449,27 @@ def _manifest(recipe: Recipe, recipe_file: str, sources: ReleaseSources, version
 
 
 def _write_report(staging: Path, recipe: Recipe, frame: pl.DataFrame, samples: pa.Table, funnel: list[dict],
-                  manifest: dict[str, Any], sources: ReleaseSources, labels: pl.DataFrame | None) -> None:
+                  manifest: dict[str, Any], sources: ReleaseSources, versions: dict[str, int],
+                  labels: pl.DataFrame | None) -> None:
+    """The report: its pool-wide figures read every column of a uniform uid sample of at most
+    :data:`REPORT_MAX_ROWS` pool rows (all of them below that), so its memory stays bounded."""
     from curation_platform.releases.report import write_report
 
     uids = pl.Series("uid", samples.column("uid").to_pylist(), dtype=pl.String)
+    uid_below = uid_sample_bound(frame.height, REPORT_MAX_ROWS)
+    pool = pool_frame(sources, versions, uid_below=uid_below)
+    shown = uids if uid_below is None else uids.filter(uids < uid_below)
     stages = [{"stage": stage["stage"], "rows_in": previous["rows"], "rows_out": stage["rows"]}
               for previous, stage in zip(funnel, funnel[1:])]
     summary = {key: manifest[key] for key in ("release_id", "teacher_id", "reference_id", "target_id",
                                               "pool_rows", "selected")}
     summary["recipe_sha256"] = manifest["recipe"]["sha256"]
-    write_report(staging / "report", title=f"Release {manifest['release_id']}", pool=frame, selected_uids=uids,
+    if uid_below is not None:
+        summary["figures_from"] = (f"a uniform sample of {pool.height:,} pool rows (uid < '{uid_below}'), "
+                                   f"{shown.len():,} of them selected")
+    write_report(staging / "report", title=f"Release {manifest['release_id']}", pool=pool, selected_uids=shown,
                  funnel=stages, cutoffs=_cutoffs(recipe, frame, uids),
-                 load_images=_image_loader(frame, sources), manifest_summary=summary)
+                 load_images=_image_loader(pool, sources), manifest_summary=summary)
     if labels is not None:
         _append_label_composition(staging / "report" / "report.md", frame, uids, labels)
 
@@ -492,8 +587,8 @@ def _rederive(release: Release, s3: S3Settings | None) -> list[str]:
     recipe = parse_recipe(manifest["recipe"]["text"], manifest["recipe"]["file"].endswith(".yaml"))
     sources = ReleaseSources(**manifest["sources"], s3=s3)
     versions = {name: entry["version"] for name, entry in manifest["lancedb_tables"].items()}
-    frame = pool_frame(sources, versions)
-    _, uids = select(recipe, frame, sources, versions.get("embeddings"))
+    frame = selection_frame(recipe, sources, versions)
+    _, uids = select(recipe, frame, sources, score_provenance(sources, versions), versions.get("embeddings"))
     excluded: set[str] = set()
     if manifest.get("exclusions"):
         excluded = set(storage.read_bytes(storage.join(release.uri, EXCLUDED), s3).decode().split())

@@ -245,6 +245,18 @@ def score_rows(embeddings: pa.Table, context: ScoringContext) -> pa.Table:
     return pa.table(table).cast(score_schema(list(context.prompt_embeddings)))
 
 
+def uid_sample_bound(rows: int, max_rows: int) -> str | None:
+    """An upper bound on uids that keeps about ``max_rows`` of ``rows`` (None: keep every row).
+
+    uids are 128-bit hashes (DataComp's, and this platform's), so ``uid < bound`` is a uniform,
+    seed-free sample that the scores table and the sample parquet files both filter on pushdown,
+    and that picks the same samples on every run.
+    """
+    if rows <= max_rows:
+        return None
+    return f"{int(max_rows / rows * 16**8):08x}"
+
+
 def score_schema(prompts: list[str]) -> pa.Schema:
     fields = [pa.field("row_key", pa.string(), nullable=False), pa.field("uid", pa.string(), nullable=False),
               pa.field("shard", pa.string(), nullable=False), pa.field("teacher_id", pa.string(), nullable=False)]

@@ -1,0 +1,184 @@
+"""Pool-wide steps at scale: wall time and peak memory of releases and score statistics vs pool size.
+
+    python benchmarks/release_scale.py --rows 250000 1000000 2000000 --out release_scale.json
+
+Per-shard work is bounded by the shard; the pool-wide steps (a release's global top fractions,
+the statistics' quantiles and KL deciles) read the whole pool's score rows and caption metadata.
+This measures what that costs on one machine, so the capacity model can say where it stops
+fitting. For each size a synthetic pool is written the way the pipeline writes it: 10,000-sample
+shards of validated-sample parquet (``samples/``, ``reports/``) and one LanceDB ``scores`` table
+with every score column (seeded normal scores, 3-15 word captions from a 5,000-word Zipf
+vocabulary). Then, each in a fresh interpreter so that its peak memory is its own:
+
+* ``release:<recipe>``: :func:`create_release` of a demo recipe (selection, samples.parquet,
+  subset.npy, manifest, report with plots; no example images, as no tars exist), published locally;
+* ``statistics``: what the ``score_statistics`` asset computes (summary, histograms,
+  correlations, text- and image-side KL-decile n-gram coverage) via :func:`write_pool_analysis`,
+  on a uniform uid sample of at most 2,000,000 rows as the asset does by default.
+
+``peak_rss_mb`` is the process's ``ru_maxrss``; ``baseline_rss_mb`` is the RSS after imports, so
+``(peak - baseline) / rows`` is the memory each pool row costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SHARD_ROWS = 10_000
+TEACHER_ID = "bench-teacher"
+RECIPES = ("clip-score-top30", "negclip-normsim")
+STATISTICS_MAX_ROWS = 2_000_000  # ScoringResource.statistics_max_rows
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _captions(rng: np.random.Generator, rows: int) -> list[str]:
+    vocabulary = np.array([f"w{index}" for index in range(5000)])
+    probabilities = 1.0 / np.arange(1, 5001)
+    probabilities /= probabilities.sum()
+    lengths = rng.integers(3, 16, size=rows)
+    words = vocabulary[rng.choice(5000, size=int(lengths.sum()), p=probabilities)]
+    bounds = np.concatenate([[0], np.cumsum(lengths)])
+    return [" ".join(words[bounds[i]:bounds[i + 1]]) for i in range(rows)]
+
+
+def build_pool(root: Path, rows: int, seed: int = 0) -> dict[str, str]:
+    """Write validated samples and a scores table for ``rows`` samples; returns the locations."""
+    from curation_platform import lance_tables
+    from curation_platform.ingest import ACCEPTED_SCHEMA
+    from curation_platform.scoring.pipeline import SCORE_COLUMNS, SCORES_TABLE, score_schema
+
+    rng = np.random.default_rng(seed)
+    validated, lance_uri = root / "validated", str(root / "lance")
+    (validated / "samples").mkdir(parents=True)
+    (validated / "reports").mkdir()
+    schema = score_schema([])
+    params = json.dumps({"reference_size": 25_000, "batch_size": 32_768, "batches": 10})
+
+    def shard_batches():
+        for start in range(0, rows, SHARD_ROWS):
+            count = min(SHARD_ROWS, rows - start)
+            shard = f"{start // SHARD_ROWS:06d}"
+            raw = rng.bytes(16 * count)
+            uids = [raw[i * 16:(i + 1) * 16].hex() for i in range(count)]
+            captions = _captions(rng, count)
+            width = rng.integers(200, 1024, size=count).astype(np.int32)
+            height = rng.integers(200, 1024, size=count).astype(np.int32)
+            samples = {
+                "uid": uids, "key": [f"{shard}{i:04d}" for i in range(count)], "shard": [shard] * count,
+                "shard_id": [f"{shard}-bench"] * count, "url": [None] * count, "caption": captions,
+                "width": width, "height": height, "aspect_ratio": (np.maximum(width, height)
+                                                                  / np.minimum(width, height)).astype(np.float32),
+                "original_width": width, "original_height": height, "image_format": ["jpeg"] * count,
+                "image_member": [f"{shard}{i:04d}.jpg" for i in range(count)],
+                "image_offset": np.arange(count, dtype=np.int64) * 40_960, "image_bytes": np.full(count, 35_000),
+                "image_sha256": ["0" * 64] * count, "exif_transposed": np.zeros(count, bool),
+                "caption_chars": np.array([len(c) for c in captions], np.int32),
+                "caption_words": np.array([c.count(" ") + 1 for c in captions], np.int32),
+                "language": ["en"] * count, "language_score": np.ones(count, np.float32),
+            }
+            pq.write_table(pa.table(samples, schema=ACCEPTED_SCHEMA), validated / "samples" / f"{shard}.parquet")
+            (validated / "reports" / f"{shard}.json").write_text(json.dumps({"shard": shard, "checksum": shard}))
+            scores = {
+                "row_key": [f"{TEACHER_ID}/{uid}" for uid in uids], "uid": uids, "shard": [shard] * count,
+                "teacher_id": [TEACHER_ID] * count,
+                **{name: rng.normal(size=count) for name in SCORE_COLUMNS},
+                "score_version": ["bench"] * count, "reference_id": ["reference-bench"] * count,
+                "target_id": ["target-bench"] * count, "score_params": [params] * count,
+            }
+            scores["kl_text"] = np.abs(scores["kl_text"]) * 2
+            scores["kl_image"] = np.abs(scores["kl_image"]) * 2
+            yield pa.record_batch(scores, schema=schema)
+
+    database = lance_tables.connect(lance_uri)
+    table = lance_tables.open_or_create(database, SCORES_TABLE, schema, ["row_key"])
+    table.add(pa.RecordBatchReader.from_batches(schema, shard_batches()))
+    return {"lance_uri": lance_uri, "validated_uri": str(validated)}
+
+
+def run_task(task: str, pool: dict[str, str], out: Path) -> dict:
+    """One measured step (in this interpreter)."""
+    import polars as pl
+
+    from curation_platform.analysis import write_pool_analysis
+    from curation_platform.ingest import read_captions
+    from curation_platform.releases import ReleaseSources, create_release, load_recipe
+    from curation_platform.scoring.pipeline import SCORE_COLUMNS
+    from curation_platform.scoring.pipeline import uid_sample_bound
+    from curation_platform.scoring.run import count_scores, read_scores
+
+    baseline = _rss_mb()
+    start = time.perf_counter()
+    if task.startswith("release:"):
+        recipe = load_recipe(Path(__file__).resolve().parents[1] / "curation_platform" / "releases"
+                             / "demo_recipes" / f"{task.split(':', 1)[1]}.toml")
+        sources = ReleaseSources(pool["lance_uri"], pool["validated_uri"], TEACHER_ID)
+        release = create_release(recipe, sources, str(out / "releases"))
+        detail = {"selected": release.manifest["selected"], "pool_rows": release.manifest["pool_rows"]}
+    else:
+        uid_below = uid_sample_bound(count_scores(pool["lance_uri"], TEACHER_ID), STATISTICS_MAX_ROWS)
+        scores = pl.from_arrow(read_scores(pool["lance_uri"], TEACHER_ID,
+                                           columns=["uid", "shard", "reference_id", *SCORE_COLUMNS],
+                                           uid_below=uid_below))
+        captions = pl.from_arrow(read_captions(pool["validated_uri"], uid_below=uid_below))
+        written = write_pool_analysis(scores, list(SCORE_COLUMNS), out / "analysis", captions)
+        detail = {"files": len(written), "rows_analysed": scores.height}
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"task": task, "seconds": round(seconds, 2), "baseline_rss_mb": round(baseline, 1),
+            "peak_rss_mb": round(peak, 1), **detail}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, nargs="+", default=[250_000, 1_000_000])
+    parser.add_argument("--tasks", nargs="+", default=[*(f"release:{name}" for name in RECIPES), "statistics"])
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--task", help=argparse.SUPPRESS)  # internal: run one task in this interpreter
+    parser.add_argument("--pool", help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.task:
+        print(json.dumps(run_task(args.task, json.loads(args.pool), Path(args.workdir))))
+        return
+
+    results = []
+    for rows in args.rows:
+        with tempfile.TemporaryDirectory(prefix="release-scale-") as scratch:
+            started = time.perf_counter()
+            pool = build_pool(Path(scratch), rows)
+            print(f"{rows:,} rows: pool written in {time.perf_counter() - started:.0f} s", flush=True)
+            for task in args.tasks:
+                workdir = Path(scratch) / task.replace(":", "-")
+                completed = subprocess.run(
+                    [sys.executable, __file__, "--task", task, "--pool", json.dumps(pool), "--workdir", str(workdir)],
+                    capture_output=True, text=True, check=True)
+                result = {"rows": rows, **json.loads(completed.stdout.strip().splitlines()[-1])}
+                result["bytes_per_row"] = round((result["peak_rss_mb"] - result["baseline_rss_mb"]) * 2**20 / rows)
+                results.append(result)
+                print(json.dumps(result), flush=True)
+    report = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
+              "date": dt.date.today().isoformat(), "results": results}
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
