@@ -115,8 +115,7 @@ def score_provenance(sources: ReleaseSources, versions: dict[str, int]) -> dict[
     if not seen:
         raise RecipeError(f"no scores of teacher {sources.teacher_id} in {sources.lance_uri}")
     if len(seen) > 1:
-        mixed = sorted({name for name in SCORE_PROVENANCE if len({combo[SCORE_PROVENANCE.index(name)]
-                                                                   for combo in seen}) > 1})
+        mixed = [name for index, name in enumerate(SCORE_PROVENANCE) if len({combo[index] for combo in seen}) > 1]
         raise RecipeError(f"the score rows of teacher {sources.teacher_id} differ in {mixed}: re-score the stale "
                           "shards against the current reference and target before releasing")
     (values,) = seen
@@ -144,9 +143,12 @@ def pool_frame(sources: ReleaseSources, versions: dict[str, int], columns: Seque
     :func:`score_provenance`. Memory per row: BENCHMARKS.md, "Pool-wide steps".
     """
     dataset = _scores_at(sources, versions)
-    score_columns = [name for name in dataset.schema.names if name not in ("row_key", "teacher_id", *SCORE_PROVENANCE)
+    score_columns = [name for name in dataset.schema.names
+                     if name not in ("row_key", "teacher_id", *SCORE_PROVENANCE)
                      and (columns is None or name in ("uid", "shard", *columns))]
-    condition = _teacher_filter(sources) + ("" if uid_below is None else f" AND uid < {lance_tables.sql_string(uid_below)}")
+    condition = _teacher_filter(sources)
+    if uid_below is not None:
+        condition += f" AND uid < {lance_tables.sql_string(uid_below)}"
     scores = _frame_of(dataset.to_batches(columns=score_columns, filter=condition), dataset.schema,
                        score_columns).sort("uid")
     if scores.height == 0 and uid_below is None:
