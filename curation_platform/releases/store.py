@@ -21,6 +21,7 @@ import subprocess
 import tempfile
 import uuid
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ EXCLUDED = "excluded_uids.txt"
 SAMPLE_COLUMNS = ("uid", "key", "shard", "shard_id", "caption", "language", "caption_words", "caption_chars",
                   "width", "height", "aspect_ratio", "image_offset", "image_bytes")
 TABLES = (SCORES_TABLE, REFERENCE_TABLE, TARGET_TABLE)
+REPORT_READERS = 32  # concurrent reads of per-shard validation reports
 REPORT_MAX_ROWS = 2_000_000  # larger pools are drawn in the report from a uniform uid sample of this size
 
 
@@ -179,14 +181,20 @@ def selection_frame(recipe: Recipe, sources: ReleaseSources, versions: dict[str,
 
 
 def _input_shards(frame: pl.DataFrame, sources: ReleaseSources) -> list[dict[str, Any]]:
-    """Each input shard with the content checksum it was validated from."""
+    """Each input shard with the content checksum it was validated from (reports read concurrently:
+    one object-store round trip each, 128,000 of them at 1.28B samples)."""
     shards = frame.group_by("shard", "shard_id").agg(pl.len().alias("samples")).sort("shard")
-    result = []
-    for shard, shard_id, samples in shards.iter_rows():
+
+    def checksum(shard: str) -> str | None:
         report_uri = storage.join(sources.validated_uri, "reports", f"{shard}.json")
-        report = json.loads(storage.read_bytes(report_uri, sources.s3)) if storage.exists(report_uri, sources.s3) else {}
-        result.append({"shard": shard, "shard_id": shard_id, "checksum": report.get("checksum"), "samples": samples})
-    return result
+        if not storage.exists(report_uri, sources.s3):
+            return None
+        return json.loads(storage.read_bytes(report_uri, sources.s3)).get("checksum")
+
+    with ThreadPoolExecutor(max_workers=REPORT_READERS) as pool:
+        checksums = list(pool.map(checksum, shards["shard"].to_list()))
+    return [{"shard": shard, "shard_id": shard_id, "checksum": value, "samples": samples}
+            for (shard, shard_id, samples), value in zip(shards.iter_rows(), checksums)]
 
 
 # -- selecting ----------------------------------------------------------------------------------
