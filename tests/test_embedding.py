@@ -213,7 +213,8 @@ def test_concurrent_writers_and_kill_retry_leave_exact_rows(tmp_path: Path, teac
     code = (f"from tests.test_embedding import _embed_in_child; "
             f"_embed_in_child({str(teacher_dir)!r}, {pool!r}, {names[0]!r}, {lance_uri!r}, 0.5)")
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
-                             cwd=Path(__file__).resolve().parents[1])
+                             cwd=Path(__file__).resolve().parents[1],
+                             env=os.environ | {"TMPDIR": str(tmp_path)})  # its staged rows die with it here
     assert child.stdout.readline().strip() == "writing"
     time.sleep(1.0)
     child.send_signal(signal.SIGKILL)

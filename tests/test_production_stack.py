@@ -239,7 +239,9 @@ def test_production_stack(tmp_path: Path, s3_server: S3Settings, demo_pool_dir: 
         }
         inherited = {key: value for key, value in os.environ.items()
                      if not key.startswith(("AWS_", "CURATION_", "DAGSTER_"))}
-        env = inherited | profile
+        scratch = tmp_path / "process-tmp"  # what the daemon, runs and killed workers leave behind stays here
+        scratch.mkdir()
+        env = inherited | profile | {"TMPDIR": str(scratch)}
         for key, value in profile.items():
             monkeypatch.setenv(key, value)
         for key in [key for key in os.environ if key.startswith("AWS_") and key not in profile]:
