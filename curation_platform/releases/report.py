@@ -87,7 +87,8 @@ def _score_columns(pool: pl.DataFrame) -> list[str]:
 def _manifest_section(summary: Mapping[str, Any], flagged: pl.DataFrame, selected_uids: pl.Series) -> str:
     rows = [(_cell(key), _cell(value)) for key, value in _flatten(summary)]
     matched = int(flagged["selected"].sum())
-    rows += [("pool rows", str(flagged.height)), ("selected rows found in pool", f"{matched} of {selected_uids.len()}")]
+    rows += [("pool rows in the figures", str(flagged.height)),
+             ("selected rows found in pool", f"{matched} of {selected_uids.len()}")]
     return "## Release\n\n" + _table(("field", "value"), rows)
 
 
