@@ -174,10 +174,15 @@ def available_columns(sources: ReleaseSources, versions: dict[str, int]) -> list
 
 
 def selection_frame(recipe: Recipe, sources: ReleaseSources, versions: dict[str, int]) -> pl.DataFrame:
-    """The pool frame with only the columns the recipe reads, after checking that they all exist."""
+    """The pool frame a recipe selects from, after checking that every column it names exists.
+
+    Pools up to :data:`REPORT_MAX_ROWS` are read whole, once, and the report draws on the same frame;
+    larger ones with only the recipe's columns (the report then reads its own uid sample).
+    """
     available = available_columns(sources, versions)
     recipe.check_columns(available, [name for name in available if name.startswith("iw_")])
-    return pool_frame(sources, versions, recipe.scores_used())
+    rows = _scores_at(sources, versions).count_rows(filter=_teacher_filter(sources))
+    return pool_frame(sources, versions, None if rows <= REPORT_MAX_ROWS else recipe.scores_used())
 
 
 def _input_shards(frame: pl.DataFrame, sources: ReleaseSources) -> list[dict[str, Any]]:
@@ -467,7 +472,7 @@ def _write_report(staging: Path, recipe: Recipe, frame: pl.DataFrame, samples: p
 
     uids = pl.Series("uid", samples.column("uid").to_pylist(), dtype=pl.String)
     uid_below = uid_sample_bound(frame.height, REPORT_MAX_ROWS)
-    pool = pool_frame(sources, versions, uid_below=uid_below)
+    pool = frame if uid_below is None else pool_frame(sources, versions, uid_below=uid_below)
     shown = uids if uid_below is None else uids.filter(uids < uid_below)
     stages = [{"stage": stage["stage"], "rows_in": previous["rows"], "rows_out": stage["rows"]}
               for previous, stage in zip(funnel, funnel[1:])]
