@@ -58,7 +58,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Settings]:
         _wait_until_ready(settings, process, data_dir / "weed.log")
         yield settings
     finally:
-        _stop(process)
+        stop_process_group(process)
         log.close()
 
 
@@ -81,16 +81,28 @@ def _wait_until_ready(settings: S3Settings, process: subprocess.Popen, log_path:
     pytest.fail(f"SeaweedFS S3 not ready after {timeout} s:\n{log_path.read_text(errors='replace')[-2000:]}")
 
 
-def _stop(process: subprocess.Popen) -> None:
-    """Stop the server's whole process group by pid; SIGKILL if it ignores SIGTERM."""
-    if process.poll() is not None:
-        return
-    os.killpg(process.pid, signal.SIGTERM)
+Escalation = tuple[tuple[signal.Signals, float], ...]  # (signal, seconds to wait for the exit) in order
+
+
+def stop_process_group(process: subprocess.Popen,
+                       escalation: Escalation = ((signal.SIGTERM, 15), (signal.SIGKILL, 15))) -> None:
+    """Signal the process's own group (started with ``start_new_session``), escalating while it lives, then
+    SIGKILL whatever is left of the group (a child outliving its leader, such as a code server)."""
+    for sig, wait in escalation:
+        if process.poll() is not None:
+            break
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            process.wait(wait)
+        except subprocess.TimeoutExpired:
+            continue
     try:
-        process.wait(timeout=15)
-    except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=15)
+    except ProcessLookupError:
+        pass
 
 
 def upload_directory(settings: S3Settings, local: Path, prefix: str) -> str:

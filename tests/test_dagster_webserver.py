@@ -16,6 +16,7 @@ import pytest
 
 from assets.definitions import build_definitions
 from assets.resources import PlatformResource
+from tests.conftest import stop_process_group
 
 ROOT = Path(__file__).resolve().parents[1]
 QUERY = """{ assetNodes { assetKey { path } assetChecksOrError { ... on AssetChecks { checks { name } } } } }"""
@@ -41,21 +42,6 @@ def _query(port: int) -> dict:
                                      headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=10) as response:
         return json.loads(response.read())
-
-
-def _stop(process: subprocess.Popen) -> None:
-    """Its own process group, SIGTERM then SIGKILL: `dagster dev` may ignore SIGTERM to the group."""
-    for sig, wait in ((signal.SIGINT, 15), (signal.SIGTERM, 10), (signal.SIGKILL, 10)):
-        if process.poll() is not None:
-            return
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(wait)
-        except subprocess.TimeoutExpired:
-            continue
 
 
 @pytest.mark.parametrize("command", ["dagster", "dg"])
@@ -87,7 +73,7 @@ def test_dev_server_lists_assets_and_checks(tmp_path: Path, command: str) -> Non
             time.sleep(2)
         assert answer and answer.get("data"), (tmp_path / "dagster-dev.log").read_text()[-3000:]
     finally:
-        _stop(process)
+        stop_process_group(process, ((signal.SIGINT, 15), (signal.SIGTERM, 10), (signal.SIGKILL, 10)))
         log.close()
     nodes = answer["data"]["assetNodes"]
     served = {"/".join(node["assetKey"]["path"]) for node in nodes}

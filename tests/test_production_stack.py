@@ -31,7 +31,7 @@ from curation_platform.ingest import ingest_shard
 from curation_platform.pool import discover_shards
 from curation_platform.releases.store import list_releases, verify_release
 from curation_platform.storage import S3Settings
-from tests.conftest import S3_BUCKET, upload_directory
+from tests.conftest import S3_BUCKET, stop_process_group, upload_directory
 from tests.test_embedding import tiny_teacher_dir
 
 pytestmark = pytest.mark.s3
@@ -152,25 +152,6 @@ def _descendants(root: int) -> list[int]:
     return found
 
 
-def _stop_group(process: subprocess.Popen, timeout: float = 20) -> None:
-    """SIGTERM to the process's own group, SIGKILL after ``timeout``."""
-    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10)):
-        if process.poll() is not None:
-            break
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            break
-        try:
-            process.wait(wait)
-        except subprocess.TimeoutExpired:
-            continue
-    try:  # whatever is left of the group (a step process outliving its run worker)
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
 def _kill_all(pids: list[int]) -> None:
     for pid in pids:
         if _alive(pid):
@@ -254,7 +235,7 @@ def test_production_stack(tmp_path: Path, s3_server: S3Settings, demo_pool_dir: 
             try:
                 output, _ = process.communicate(timeout=timeout)
             finally:
-                _stop_group(process, timeout=5)
+                stop_process_group(process, ((signal.SIGTERM, 5), (signal.SIGKILL, 10)))
             assert process.returncode == 0, f"dagster {' '.join(args[:4])} failed:\n{output[-6000:]}"
 
         # The gpu pool limit, set explicitly as infra/README.md prescribes (default_limit alone races).
@@ -400,7 +381,7 @@ def test_production_stack(tmp_path: Path, s3_server: S3Settings, demo_pool_dir: 
             assert any(run_id in path for path in logs for run_id in statuses), logs[:20]
         finally:
             seen.update(_descendants(daemon.pid))
-            _stop_group(daemon)
+            stop_process_group(daemon, ((signal.SIGTERM, 20), (signal.SIGKILL, 10)))
             _kill_all(sorted(seen))
             daemon_log.close()
         _wait(lambda: not any(_alive(pid) for pid in seen | {daemon.pid}), 15, "killed processes to exit")
