@@ -40,6 +40,7 @@ from curation_platform.scoring.pipeline import (
     SCORE_COLUMNS,
     SCORES_TABLE,
     TARGET_TABLE,
+    score_filter,
     uid_sample_bound,
 )
 from curation_platform.selection import SelectionResult, run_selection
@@ -102,14 +103,11 @@ def _scores_at(sources: ReleaseSources, versions: dict[str, int]) -> Any:
     return table.to_lance()
 
 
-def _teacher_filter(sources: ReleaseSources) -> str:
-    return f"teacher_id = {lance_tables.sql_string(sources.teacher_id)}"
-
-
 def score_provenance(sources: ReleaseSources, versions: dict[str, int]) -> dict[str, Any]:
     """The score version, parameters, reference and target that every one of the teacher's score rows
     was computed with, read batch by batch; a table that mixes them cannot be released from."""
-    scanner = _scores_at(sources, versions).scanner(columns=list(SCORE_PROVENANCE), filter=_teacher_filter(sources))
+    scanner = _scores_at(sources, versions).scanner(columns=list(SCORE_PROVENANCE),
+                                                    filter=score_filter(sources.teacher_id))
     seen: set[tuple] = set()
     for batch in scanner.to_batches():
         distinct = pa.Table.from_batches([batch]).group_by(list(SCORE_PROVENANCE)).aggregate([])
@@ -148,9 +146,7 @@ def pool_frame(sources: ReleaseSources, versions: dict[str, int], columns: Seque
     score_columns = [name for name in dataset.schema.names
                      if name not in ("row_key", "teacher_id", *SCORE_PROVENANCE)
                      and (columns is None or name in ("uid", "shard", *columns))]
-    condition = _teacher_filter(sources)
-    if uid_below is not None:
-        condition += f" AND uid < {lance_tables.sql_string(uid_below)}"
+    condition = score_filter(sources.teacher_id, uid_below=uid_below)
     scores = _frame_of(dataset.to_batches(columns=score_columns, filter=condition), dataset.schema,
                        score_columns).sort("uid")
     if scores.height == 0 and uid_below is None:
@@ -181,7 +177,7 @@ def selection_frame(recipe: Recipe, sources: ReleaseSources, versions: dict[str,
     """
     available = available_columns(sources, versions)
     recipe.check_columns(available, [name for name in available if name.startswith("iw_")])
-    rows = _scores_at(sources, versions).count_rows(filter=_teacher_filter(sources))
+    rows = _scores_at(sources, versions).count_rows(filter=score_filter(sources.teacher_id))
     return pool_frame(sources, versions, None if rows <= REPORT_MAX_ROWS else recipe.scores_used())
 
 

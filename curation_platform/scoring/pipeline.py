@@ -245,6 +245,13 @@ def score_rows(embeddings: pa.Table, context: ScoringContext) -> pa.Table:
     return pa.table(table).cast(score_schema(list(context.prompt_embeddings)))
 
 
+def score_filter(teacher_id: str, shard: str | None = None, uid_below: str | None = None) -> str:
+    """The SQL filter on the scores table: the teacher's rows, optionally of one shard and below a uid bound."""
+    condition = (lance_tables.partition_condition(shard, teacher_id) if shard
+                 else f"teacher_id = {lance_tables.sql_string(teacher_id)}")
+    return condition if uid_below is None else f"{condition} AND uid < {lance_tables.sql_string(uid_below)}"
+
+
 def uid_sample_bound(rows: int, max_rows: int) -> str | None:
     """An upper bound on uids that keeps about ``max_rows`` of ``rows`` (None: keep every row).
 

@@ -26,6 +26,7 @@ from curation_platform.scoring.pipeline import (
     ScoringContext,
     draw_reference,
     save_set,
+    score_filter,
     score_rows,
     target_set,
     write_scores,
@@ -160,18 +161,12 @@ def read_scores(lance_uri: str, teacher_id: str, s3: S3Settings | None = None, c
                 shard: str | None = None, uid_below: str | None = None) -> pa.Table:
     """The teacher's score rows (optionally only some columns, one shard's, or a :func:`uid_sample_bound` sample)."""
     table = lance_tables.connect(lance_uri, s3).open_table(SCORES_TABLE).to_lance()
-    return table.to_table(columns=columns, filter=_score_filter(teacher_id, shard, uid_below))
+    return table.to_table(columns=columns, filter=score_filter(teacher_id, shard, uid_below))
 
 
 def count_scores(lance_uri: str, teacher_id: str, s3: S3Settings | None = None) -> int:
     table = lance_tables.connect(lance_uri, s3).open_table(SCORES_TABLE).to_lance()
-    return table.count_rows(filter=_score_filter(teacher_id))
-
-
-def _score_filter(teacher_id: str, shard: str | None = None, uid_below: str | None = None) -> str:
-    condition = (lance_tables.partition_condition(shard, teacher_id) if shard
-                 else f"teacher_id = {lance_tables.sql_string(teacher_id)}")
-    return condition if uid_below is None else f"{condition} AND uid < {lance_tables.sql_string(uid_below)}"
+    return table.count_rows(filter=score_filter(teacher_id))
 
 
 def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
