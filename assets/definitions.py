@@ -20,7 +20,7 @@ from assets.scoring import (
     shard_scores,
     statistics_are_sane,
 )
-from assets.teachers import teacher
+from assets.teachers import no_progress, teacher, teacher_gate
 
 automation_sensor = dg.AutomationConditionSensorDefinition(
     "curation_automation", target=dg.AssetSelection.all(), minimum_interval_seconds=30,
@@ -35,16 +35,18 @@ shard_pipeline = dg.define_asset_job(
 
 
 def build_definitions(settings: dict | None = None, resources: dict | None = None) -> dg.Definitions:
-    """The whole graph; ``settings`` (default: the home's ``curation.json``) seeds the scoring resource,
-    ``resources`` replaces resources by key (tests, embedding the location elsewhere)."""
+    """The whole graph; ``settings`` (default: the home's ``curation.json``) seeds the teacher and scoring
+    resources, ``resources`` replaces resources by key (tests, the main job, embedding the location elsewhere)."""
     settings = project_settings() if settings is None else settings
     resources = {
         "platform": PlatformResource(),
-        "teacher_config": TeacherResource(),
+        "teacher_config": TeacherResource(**settings.get("teacher", {})),
         "scoring": ScoringResource(**settings.get("scoring", {})),
+        "training_progress": no_progress,
     } | (resources or {})
-    checks = [shard_reconciles, samples_meet_expectations, quarantine_rate_within_bound,
-              embeddings_meet_expectations, scores_meet_expectations, statistics_are_sane]
+    checks = [teacher_gate(blocking=resources["teacher_config"].blocks), shard_reconciles, samples_meet_expectations,
+              quarantine_rate_within_bound, embeddings_meet_expectations, scores_meet_expectations,
+              statistics_are_sane]
     check_keys = [key for check in checks for key in check.check_keys]
     releases = [release_asset(recipe, check_keys) for recipe in load_recipes(resources["platform"].recipes_dir)]
     return dg.Definitions(

@@ -6,7 +6,7 @@ from assets.automation import per_shard
 from assets.ingestion import shard_partitions, validated_samples
 from assets.quality import check_result
 from assets.resources import PlatformResource, TeacherResource
-from assets.teachers import teacher
+from assets.teachers import require_passed_gate, teacher
 from curation_platform.embedding.engine import embed_shard
 from curation_platform.embedding.sinks import LanceSink, embedding_schema
 from curation_platform.ingest import read_accepted
@@ -30,6 +30,7 @@ def embeddings(context: dg.AssetExecutionContext, platform: PlatformResource,
     samples = read_accepted(platform.validated_uri, shard, platform.s3)
     config = teacher_config.embed_config()
     loaded = load_teacher(teacher_config.spec(platform), device=config.resolved_device(), s3=platform.s3)
+    require_passed_gate(context, teacher_config, loaded.teacher_id)
     sink = LanceSink(platform.lancedb_uri, table=teacher_config.table, s3=platform.s3)
     report = embed_shard(loaded, shard, samples, sink, config, platform.s3)
     return dg.MaterializeResult(

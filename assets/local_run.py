@@ -1,11 +1,19 @@
-"""The main job: the whole asset graph over every shard, executed in this process.
+"""The main job: the whole asset graph over every shard of a pool, executed in this process.
 
-Steps run in lineage order (teacher; per shard ingestion and embeddings; reference sample and
-NormSim target; per shard scores; pool statistics; one release per recipe), each as a Dagster run recorded in the
-instance, so ``dagster dev -w workspace.yaml`` afterwards shows the same history, checks and
-metadata. A blocking check that fails skips what depends on it and is reported, not hidden.
+Steps run in lineage order (teacher and its quality gate; per shard ingestion and embeddings;
+reference sample and NormSim target; per shard scores; pool statistics; one release per recipe),
+each as a Dagster run recorded in the instance, so ``dagster dev -w workspace.yaml`` afterwards
+shows the same history, checks and metadata. A blocking check that fails skips what depends on it
+and is reported with its reason; a failed step reports the first error of its run.
+
+:func:`main_job_definitions` wires the graph for one pool from explicit settings (nothing is read
+from or written to the environment, and the project's ``curation.json`` is read, never written);
+:func:`materialize_graph` registers the pool's shard partitions and runs it.
 """
 
+from __future__ import annotations
+
+import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -16,8 +24,14 @@ import dagster as dg
 
 from assets.definitions import build_definitions
 from assets.ingestion import shard_partitions
+from assets.resources import PlatformResource, ScoringResource, TeacherResource, project_settings
+from assets.teachers import TEACHER_GATE, no_progress
+from curation_platform import storage
+from curation_platform.processes import refuse_in_worker_import
+from curation_platform.teachers import CONFIG_FILE
 
-QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+QUIET = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
+TEACHER = dg.AssetKey("teacher")
 
 
 @dataclass
@@ -28,16 +42,33 @@ class StepOutcome:
     seconds: float
     materialized: dict[str, dict] = field(default_factory=dict)
     failed_checks: list[str] = field(default_factory=list)
+    checks: dict[str, dict] = field(default_factory=dict)  # every check evaluated: passed, description, metadata
+    error: str | None = None  # the first error of the run, or the first failed blocking check's reason
 
 
 def instance_for(home: Path) -> dg.DagsterInstance:
     """The persistent instance of the project: ``$DAGSTER_HOME``, else ``<home>/dagster`` (SQLite)."""
-    dagster_home = Path(os.environ.setdefault("DAGSTER_HOME", str(home / "dagster")))
+    dagster_home = Path(os.environ.get("DAGSTER_HOME") or home / "dagster")
     dagster_home.mkdir(parents=True, exist_ok=True)
     config = dagster_home / "dagster.yaml"
     if not config.exists():  # the embedded default: SQLite storage in this folder, nothing phoned home
         config.write_text("telemetry:\n  enabled: false\n")
-    return dg.DagsterInstance.get()
+    return dg.DagsterInstance.from_config(str(dagster_home))
+
+
+def main_job_definitions(home: str, *, pool: str | None = None, teacher: dict | None = None,
+                         scoring: dict | None = None, recipes: str | None = None,
+                         training_progress: Callable[[dict], None] | None = None) -> dg.Definitions:
+    """The graph for one pool: ``teacher`` and ``scoring`` override the home's ``curation.json``
+    sections field by field (``TeacherResource`` / ``ScoringResource`` fields)."""
+    settings = project_settings(home)
+    resources = {
+        "platform": PlatformResource(home_uri=home, pool_uri=pool, recipes_uri=recipes),
+        "teacher_config": TeacherResource(**(settings.get("teacher", {}) | (teacher or {}))),
+        "scoring": ScoringResource(**(settings.get("scoring", {}) | (scoring or {}))),
+        "training_progress": training_progress or no_progress,
+    }
+    return build_definitions(settings, resources)
 
 
 def materialize_graph(instance: dg.DagsterInstance, defs: dg.Definitions | None = None,
@@ -45,38 +76,49 @@ def materialize_graph(instance: dg.DagsterInstance, defs: dg.Definitions | None 
                       retrain_teacher: bool = False) -> list[StepOutcome]:
     """Discover the pool's shards, add their partitions and materialise every asset with its checks.
 
-    An already materialised teacher is kept unless ``retrain_teacher`` (training is the slow step and
-    deterministic, so it would reproduce the same teacher_id).
+    A platform-trained teacher already materialised from the same split and training config is
+    kept (its quality gate is evaluated again) unless ``retrain_teacher``; training is
+    deterministic, so it would reproduce the same teacher_id. A failed global step (the teacher,
+    its gate, the reference) ends the job: everything after it depends on it.
     """
+    refuse_in_worker_import("materialize_graph")
     defs = defs or build_definitions()
-    platform = defs.resources["platform"]
+    platform: PlatformResource = defs.resources["platform"]
+    teacher_config: TeacherResource = defs.resources["teacher_config"]
     keys = [shard.partition_key for shard in platform.discover()]
+    if not keys:
+        raise dg.DagsterInvariantViolationError(f"no shards found in the pool {platform.pool}")
     new_keys = [key for key in keys if not instance.has_dynamic_partition(shard_partitions.name, key)]
     if new_keys:
         instance.add_dynamic_partitions(shard_partitions.name, new_keys)
     outcomes: list[StepOutcome] = []
     skipped: set[str] = set()
 
-    def step(assets: Sequence[str], partition: str | None = None) -> None:
+    def step(selection: Sequence[str] | dg.AssetSelection, partition: str | None = None) -> bool:
         if partition in skipped:
-            return
-        outcome = _execute(defs, instance, assets, partition)
+            return True
+        outcome = _execute(defs, instance, selection, partition)
         outcomes.append(outcome)
         if on_step:
             on_step(outcome)
-        if not outcome.success:
-            if partition is None:
-                raise dg.DagsterError(f"{', '.join(assets)} failed: {outcome.failed_checks or 'see the run logs'}")
+        if not outcome.success and partition is not None:
             skipped.add(partition)
+        return outcome.success or partition is not None
 
-    if retrain_teacher or instance.get_latest_materialization_event(dg.AssetKey("teacher")) is None:
-        step(["teacher"])
+    if retrain_teacher or not _teacher_is_current(instance, platform, teacher_config):
+        go_on = step(["teacher"])
+    else:
+        go_on = step(dg.AssetSelection.checks(dg.AssetCheckKey(TEACHER, TEACHER_GATE)))
+    if not go_on:
+        return outcomes
     for key in keys:
         step(["validated_samples", "embeddings"], key)
-    step(["reference_sample", "normsim_target"])
+    if not step(["reference_sample", "normsim_target"]):
+        return outcomes
     for key in keys:
         step(["shard_scores"], key)
-    step(["score_statistics"])
+    if not step(["score_statistics"]):
+        return outcomes
     releases = sorted(key.to_user_string() for key in defs.resolve_all_asset_keys()
                       if key.to_user_string().startswith("release_"))
     for release in releases:
@@ -84,11 +126,25 @@ def materialize_graph(instance: dg.DagsterInstance, defs: dg.Definitions | None 
     return outcomes
 
 
-def _execute(defs: dg.Definitions, instance: dg.DagsterInstance, assets: Sequence[str],
+def _teacher_is_current(instance: dg.DagsterInstance, platform: PlatformResource,
+                        teacher_config: TeacherResource) -> bool:
+    """A kept teacher must be the platform's own, trained on the split and with the config asked for now."""
+    event = instance.get_latest_materialization_event(TEACHER)
+    if event is None or event.asset_materialization is None or not teacher_config.trains_its_own:
+        return False
+    metadata = {name: value.value for name, value in event.asset_materialization.metadata.items()}
+    asked = teacher_config.training_config().resolved().to_dict()
+    return (metadata.get("train_on") == teacher_config.trusted_split(platform)
+            and json.dumps(metadata.get("training_config"), sort_keys=True) == json.dumps(asked, sort_keys=True,
+                                                                                         default=list)
+            and storage.exists(storage.join(platform.trained_teacher_uri, CONFIG_FILE), platform.s3))
+
+
+def _execute(defs: dg.Definitions, instance: dg.DagsterInstance, selection: Sequence[str] | dg.AssetSelection,
              partition: str | None) -> StepOutcome:
     started = time.perf_counter()
     result = dg.materialize(
-        [*defs.assets, *defs.asset_checks], selection=list(assets), partition_key=partition, instance=instance,
+        [*defs.assets, *defs.asset_checks], selection=selection, partition_key=partition, instance=instance,
         resources=defs.resources, run_config=QUIET, raise_on_error=False,
         tags={"curation/main_job": "true"},
     )
@@ -96,8 +152,34 @@ def _execute(defs: dg.Definitions, instance: dg.DagsterInstance, assets: Sequenc
         event.asset_key.to_user_string(): {name: value.value for name, value in event.materialization.metadata.items()}
         for event in result.get_asset_materialization_events()
     }
-    failed = [f"{evaluation.asset_check_key.to_user_string()}"
-              for evaluation in result.get_asset_check_evaluations()
-              if not evaluation.passed and evaluation.severity == dg.AssetCheckSeverity.ERROR]
-    return StepOutcome(tuple(assets), partition, result.success and not failed and len(materialized) == len(assets),
-                       time.perf_counter() - started, materialized, failed)
+    checks = {
+        evaluation.asset_check_key.to_user_string(): {
+            "passed": evaluation.passed, "severity": evaluation.severity.value, "description": evaluation.description,
+            "metadata": {name: value.value for name, value in evaluation.metadata.items()},
+        }
+        for evaluation in result.get_asset_check_evaluations()
+    }
+    failed = [name for name, check in checks.items() if not check["passed"] and check["severity"] == "ERROR"]
+    expected = len(selection) if isinstance(selection, Sequence) else 0
+    success = result.success and not failed and len(materialized) == expected
+    error = _first_error(result) or next((f"{name}: {checks[name]['description'] or 'failed'}" for name in failed),
+                                         None)
+    if not success and error is None:
+        error = "the run did not materialise every selected asset (see the run in the Dagster UI)"
+    assets = tuple(selection) if isinstance(selection, Sequence) else tuple(checks) or ("checks",)
+    return StepOutcome(assets, partition, success, time.perf_counter() - started, materialized, failed, checks,
+                       None if success else error)
+
+
+def _first_error(result: dg.ExecuteInProcessResult) -> str | None:
+    """The first step failure's message, without Dagster's wrapper (a ``Failure``'s own text, or the
+    user code's exception)."""
+    for event in result.get_step_failure_events():
+        error = event.step_failure_data.error
+        if error is None:
+            continue
+        if error.cls_name == "Failure":
+            return error.message.split(": ", 1)[-1].strip()
+        cause = error.cause or error
+        return f"{event.step_key}: {cause.message.strip()}"
+    return None

@@ -18,7 +18,9 @@ from curation_platform.embedding.engine import EmbedConfig
 from curation_platform.pool import ChecksumCache, ShardRef, discover_shards
 from curation_platform.scoring.pipeline import ScoreParams
 from curation_platform.storage import S3Settings
+from curation_platform.teacher_quality import GATE_MODES, TeacherBar
 from curation_platform.teachers import TeacherSpec
+from curation_platform.training import TrainingConfig
 from curation_platform.validation import ValidationLimits
 
 SETTINGS_FILE = "curation.json"
@@ -58,6 +60,7 @@ class PlatformResource(dg.ConfigurableResource):
     home_uri: str | None = None
     pool_uri: str | None = None
     lancedb: str | None = None
+    recipes_uri: str | None = None
     decode_workers: int = 2
     min_image_side: int = ValidationLimits.min_image_side
     max_pixels: int = ValidationLimits.max_pixels
@@ -99,16 +102,11 @@ class PlatformResource(dg.ConfigurableResource):
     @property
     def recipes_dir(self) -> Path:
         """Release recipes (local files: they are code, reviewed like code)."""
-        return Path(os.environ.get("CURATION_RECIPES") or Path(self.home, "recipes"))
+        return Path(self.recipes_uri or os.environ.get("CURATION_RECIPES") or Path(self.home, "recipes"))
 
     @property
     def analysis_uri(self) -> str:
         return storage.join(self.home, "analysis")
-
-    @property
-    def reference_uri(self) -> str:
-        """The trusted split a self-trained teacher learns from (the demo's clean reference split)."""
-        return storage.join(self.home, "demo", "reference")
 
     @property
     def trained_teacher_uri(self) -> str:
@@ -149,16 +147,48 @@ class TeacherResource(dg.ConfigurableResource):
 
     Falls back to ``$CURATION_TEACHER`` (checkpoint), ``$CURATION_TEACHER_ARCH`` and
     ``$CURATION_TEACHER_PRETRAINED``; with none of them set the platform trains its own teacher
-    (the ``teacher`` asset) on the reference split and uses it.
+    (the ``teacher`` asset) on the trusted split and uses it. The trusted split is ``train_on``
+    (``$CURATION_TEACHER_TRAIN_ON``), else the demo's reference split when the home has one, else
+    the pool itself. The quality gate (``min_recall_at_5``, ``gate``: ``block`` or ``warn``) judges
+    every teacher on held-out pairs of that split before it may embed anything.
     """
 
     checkpoint: str | None = None
     architecture: str | None = None
     pretrained: str | None = None
+    train_on: str | None = None
+    epochs: int = TrainingConfig.epochs
+    precision: str = TrainingConfig.precision
+    threads: int = TrainingConfig.threads
+    max_training_seconds: float | None = None
+    min_recall_at_5: float = TeacherBar.min_recall_at_5
+    min_chance_multiple: float = TeacherBar.min_chance_multiple
+    gate: str = "block"
     device: str = "auto"
     batch_size: int = 256
     workers: int = 2
     table: str = "embeddings"
+
+    def trusted_split(self, platform: PlatformResource) -> str:
+        """Where the teacher learns (or, for a given teacher, is judged): see the class docstring."""
+        configured = self.train_on or os.environ.get("CURATION_TEACHER_TRAIN_ON")
+        if configured:
+            return configured
+        demo_reference = storage.join(platform.home, "demo", "reference")
+        return demo_reference if storage.exists(demo_reference, platform.s3) else platform.pool
+
+    def training_config(self) -> TrainingConfig:
+        return TrainingConfig(epochs=self.epochs, precision=self.precision, threads=self.threads,
+                              max_seconds=self.max_training_seconds)
+
+    def bar(self) -> TeacherBar:
+        return TeacherBar(min_recall_at_5=self.min_recall_at_5, min_chance_multiple=self.min_chance_multiple)
+
+    @property
+    def blocks(self) -> bool:
+        if self.gate not in GATE_MODES:
+            raise dg.Failure(f"teacher gate must be one of {GATE_MODES}, got {self.gate!r}")
+        return self.gate == "block"
 
     @property
     def resolved(self) -> tuple[str | None, str | None, str | None]:

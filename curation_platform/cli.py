@@ -15,6 +15,7 @@ from tqdm import tqdm
 from curation_platform import __version__
 from curation_platform.ingest import ShardReport, ingest_pool, write_ingestion
 from curation_platform.pool import ChecksumCache, ShardRef, discover_shards
+from curation_platform.precision import PRECISIONS
 from curation_platform.validation import ValidationLimits
 
 DEFAULT_HOME = "curation_home"
@@ -306,38 +307,82 @@ def score(lance_uri: str, teacher_checkpoint: str | None, arch: str | None, pret
            validated_uri)
 
 
+class _TrainingBar:
+    """Per-step progress of a teacher's training on stderr: steps, loss, steps/s and time left."""
+
+    def __init__(self) -> None:
+        self.bar: tqdm | None = None
+
+    def __call__(self, event: dict) -> None:
+        stage = event.get("stage")
+        if stage == "data":
+            click.echo(f"training the teacher: {event['train']:,} pairs ({event['held_out']:,} held out), "
+                       f"{event['total_steps']} steps, {event['precision']} on this CPU", err=True)
+            self.bar = tqdm(total=event["total_steps"], desc="training teacher", unit="step", file=sys.stderr)
+        elif stage == "step" and self.bar is not None:
+            self.bar.update(event["step"] - self.bar.n)
+            self.bar.set_postfix(loss=f"{event['loss']:.3f}", epoch=event["epoch"], refresh=False)
+        elif stage == "saved" and self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _training_options(function):
+    options = [
+        click.option("--epochs", type=int, default=None, help="Training epochs (default: TrainingConfig's, 15)."),
+        click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
+                     help="Autocast of training steps: auto is bf16 where the CPU has native bf16 (AVX512-BF16/AMX), "
+                          "else fp32."),
+        click.option("--threads", type=int, default=None,
+                     help="torch threads for training (default 2; part of what makes the weights reproducible)."),
+        click.option("--max-seconds", type=float, default=None,
+                     help="Fail (and publish nothing) if training would take longer than this."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def _training_overrides(epochs: int | None, precision: str, threads: int | None,
+                        max_seconds: float | None) -> dict:
+    """TeacherResource / TrainingConfig fields the user set on the command line."""
+    chosen = {"epochs": epochs, "threads": threads, "max_seconds": max_seconds}
+    return {"precision": precision} | {name: value for name, value in chosen.items() if value is not None}
+
+
 @main.command("train-teacher")
 @click.argument("reference_uri")
 @click.option("--out", "out_uri", required=True, help="Teacher directory to write (local path or s3:// URI).")
-@click.option("--epochs", type=int, default=None, help="Training epochs (default: TrainingConfig's).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of initialisation, split and order.")
-@click.option("--max-seconds", type=float, default=None, help="Stop training after this long, then evaluate and save.")
-def train_teacher_command(reference_uri: str, out_uri: str, epochs: int | None, seed: int,
-                          max_seconds: float | None) -> None:
-    """Train a small CLIP teacher on a trusted reference split (the data-filtering-network idea)."""
-    from curation_platform.training import TrainingConfig
+@_training_options
+def train_teacher_command(reference_uri: str, out_uri: str, seed: int, epochs: int | None, precision: str,
+                          threads: int | None, max_seconds: float | None) -> None:
+    """Train a small CLIP teacher on a trusted reference split (the data-filtering-network idea).
 
-    config = TrainingConfig(seed=seed)
-    config = replace(config, epochs=epochs or config.epochs, max_seconds=max_seconds or config.max_seconds)
-    _train(reference_uri, out_uri, config)
+    Training runs a fixed number of steps: the same split, options and seed give the same weights on
+    any machine of the same CPU capability, however loaded. Exit status 1 when the teacher misses the
+    quality bar (it is still written, for inspection).
+    """
+    from curation_platform.teacher_quality import TeacherBar
+    from curation_platform.training import TrainingConfig, TrainingTimeLimitExceeded, train_teacher
 
-
-def _train(reference_uri: str, out_uri: str, config) -> None:
-    from curation_platform.training import train_teacher
-
-    with tqdm(total=config.epochs, desc="training teacher", unit="epoch", file=sys.stderr) as bar:
-        def progress(event: dict) -> None:
-            if event.get("stage") == "epoch":
-                bar.update(1)
-                bar.set_postfix(loss=f"{event.get('train_loss', float('nan')):.3f}")
-
-        report = train_teacher(reference_uri, out_uri, config, progress=progress)
+    config = replace(TrainingConfig(seed=seed), **_training_overrides(epochs, precision, threads, max_seconds))
+    try:
+        report = train_teacher(reference_uri, out_uri, config, progress=_TrainingBar())
+    except TrainingTimeLimitExceeded as error:
+        raise click.ClickException(str(error)) from error
     metrics = report.held_out
     click.echo(f"teacher {report.teacher_id} written to {out_uri} in {report.seconds_total:.0f} s "
-               f"({report.samples_train} training pairs, {report.epochs_run:g} epochs)")
+               f"({report.samples_train} training pairs, {report.steps} steps, {report.precision}, "
+               f"CPU {report.cpu['cpu_capability']})")
     click.echo(f"held-out retrieval on {metrics.samples} pairs: image->text R@1 {metrics.i2t_recall_at_1:.3f} "
                f"R@5 {metrics.i2t_recall_at_5:.3f}, text->image R@1 {metrics.t2i_recall_at_1:.3f} "
                f"R@5 {metrics.t2i_recall_at_5:.3f} (chance {metrics.chance_at_1:.4f} / {metrics.chance_at_5:.4f})")
+    shortfalls = TeacherBar().shortfalls(metrics)
+    if shortfalls:
+        click.echo("BELOW THE QUALITY BAR: " + "; ".join(shortfalls) + ". More clean pairs, more epochs or a "
+                   "pretrained teacher; the pipeline will refuse to embed with this one.", err=True)
+        sys.exit(1)
 
 
 DEMO_SCORING = {"reference_size": 1000, "neg_clip_batch_size": 1024, "neg_clip_repeats": 10,
@@ -354,10 +399,10 @@ DEMO_SCORING = {"reference_size": 1000, "neg_clip_batch_size": 1024, "neg_clip_r
 @click.option("--retrain-teacher", is_flag=True, help="Train the teacher again even if one is materialised.")
 def demo(home: str | None, shards: int, samples_per_shard: int, seed: int, workers: int,
          retrain_teacher: bool) -> None:
-    """The main job on the embedded default: demo pool, then the whole Dagster asset graph in-process.
+    """The main job on the embedded default: build the demo pool, then `run` on it.
 
-    Ingestion, teacher training, embeddings, reference sample, NormSim target, scores and pool
-    statistics run as Dagster runs with their data-quality checks, recorded in ``<home>/dagster``.
+    The demo home gets the demo's scoring settings (``curation.json``, unless one is there) and
+    recipes; the teacher trains on the demo's clean reference split.
     """
     root = _home(home)
     started = time.perf_counter()
@@ -366,31 +411,97 @@ def demo(home: str | None, shards: int, samples_per_shard: int, seed: int, worke
     _build_demo_pool(demo_dir, shards, samples_per_shard, seed, workers, reuse=True)
     click.echo(f"demo pool in {demo_dir} ({time.perf_counter() - started:.1f} s)")
     settings = root / "curation.json"
-    settings.write_text(json.dumps({"scoring": DEMO_SCORING}, indent=2) + "\n")
+    if not settings.exists():
+        settings.write_text(json.dumps({"scoring": DEMO_SCORING}, indent=2) + "\n")
+    elif json.loads(settings.read_text()).get("scoring") != DEMO_SCORING:
+        click.echo(f"using the settings in {settings} (not the demo's: delete it for those)")
     _install_demo_recipes(root / "recipes")
-    os.environ["CURATION_HOME"] = str(root)  # the code location resolves its resources from the home
+    _run_main_job(root, pool=str(demo_dir / "pool"), teacher={"train_on": str(demo_dir / "reference")},
+                  scoring={}, recipes=None, retrain_teacher=retrain_teacher, started=started)
 
-    from assets.local_run import instance_for, materialize_graph
 
+@main.command("run")
+@click.option("--pool", "pool_uri", required=True, help="The pool's shards (local folder or s3:// prefix).")
+@click.option("--home", default=None, help=f"Project home (default ./{DEFAULT_HOME}) [env CURATION_HOME].")
+@_teacher_options
+@click.option("--train-on", default=None,
+              help="Trusted split (shards) the platform trains its teacher on; default: the pool itself.")
+@click.option("--min-recall", "min_recall_at_5", type=float, default=None,
+              help="Teacher quality bar: held-out R@5 each way (default 0.3).")
+@click.option("--teacher-gate", type=click.Choice(["block", "warn"]), default=None,
+              help="What a teacher below the bar does: block embedding (default) or only warn.")
+@_training_options
+@click.option("--target", "target_uri", default=None, help="NormSim target images or shards (local or s3://).")
+@click.option("--prompt", "prompts", multiple=True, help="Domain prompt for importance weights (repeatable).")
+@click.option("--recipes", "recipes_dir", default=None, type=click.Path(file_okay=False),
+              help="Release recipes (default <home>/recipes).")
+@click.option("--retrain-teacher", is_flag=True, help="Train the teacher again even if one is materialised.")
+def run_command(pool_uri: str, home: str | None, teacher_checkpoint: str | None, arch: str | None,
+                pretrained: str | None, train_on: str | None, min_recall_at_5: float | None,
+                teacher_gate: str | None, epochs: int | None, precision: str, threads: int | None,
+                max_seconds: float | None, target_uri: str | None, prompts: tuple[str, ...],
+                recipes_dir: str | None, retrain_teacher: bool) -> None:
+    """The main job on your own pool: every shard through the whole asset graph, in this process.
+
+    Registers the pool's shards as partitions, then runs teacher (trained on --train-on, or the pool;
+    or --teacher / --arch --pretrained) and its quality gate, ingestion, embeddings, reference, target,
+    scores, statistics and one release per recipe, as Dagster runs with every data-quality check.
+    Settings in <home>/curation.json apply; options given here override them for this run and are
+    never written back.
+    """
+    if train_on and (teacher_checkpoint or pretrained):
+        raise click.UsageError("--train-on trains the platform's own teacher: leave out --teacher / --pretrained")
+    _teacher_spec(teacher_checkpoint, arch, pretrained) if (teacher_checkpoint or pretrained) else None
+    teacher = {"checkpoint": teacher_checkpoint, "architecture": arch, "pretrained": pretrained,
+               "train_on": train_on, "min_recall_at_5": min_recall_at_5, "gate": teacher_gate}
+    training = _training_overrides(epochs, precision, threads, max_seconds)
+    teacher = {name: value for name, value in teacher.items() if value is not None} | training
+    if "max_seconds" in teacher:
+        teacher["max_training_seconds"] = teacher.pop("max_seconds")
+    scoring = {name: value for name, value in (("target_uri", target_uri), ("prompts", list(prompts) or None))
+               if value is not None}
+    _run_main_job(_home(home), pool=pool_uri, teacher=teacher, scoring=scoring, recipes=recipes_dir,
+                  retrain_teacher=retrain_teacher, started=time.perf_counter())
+
+
+def _run_main_job(root: Path, *, pool: str, teacher: dict, scoring: dict, recipes: str | None,
+                  retrain_teacher: bool, started: float) -> None:
+    """``run`` and ``demo``: the graph in-process, one line per run, then releases and how to open the UI."""
+    from assets.local_run import instance_for, main_job_definitions, materialize_graph
+
+    defs = main_job_definitions(str(root), pool=pool, teacher=teacher, scoring=scoring, recipes=recipes,
+                                training_progress=_TrainingBar())
     instance = instance_for(root)
-    click.echo(f"running the asset graph in-process (Dagster instance: {os.environ['DAGSTER_HOME']})")
-    if retrain_teacher or instance.get_latest_materialization_event(_asset_key("teacher")) is None:
-        click.echo("training the demo teacher on the clean reference split (about 2 minutes on 2 cores)")
-    outcomes = materialize_graph(instance, on_step=_print_step, retrain_teacher=retrain_teacher)
-    statistics = next((o.materialized.get("score_statistics") for o in outcomes if o.success
-                       and "score_statistics" in o.materialized), None)
-    failed = [o for o in outcomes if not o.success]
+    click.echo(f"running the asset graph in-process on {pool} (Dagster instance: {instance.root_directory})")
+    outcomes = materialize_graph(instance, defs, on_step=_print_step, retrain_teacher=retrain_teacher)
+    failed = [outcome for outcome in outcomes if not outcome.success]
     click.echo(f"\ndone in {time.perf_counter() - started:.1f} s: {len(outcomes)} runs, {len(failed)} failed.")
+    gate = next((check for outcome in outcomes for name, check in outcome.checks.items()
+                 if name.endswith("teacher_beats_the_bar")), None)
+    if gate:
+        click.echo(f"teacher {'passed' if gate['passed'] else 'FAILED'} its quality gate: {gate['description']}")
+    statistics = next((o.materialized["score_statistics"] for o in outcomes if "score_statistics" in o.materialized),
+                      None)
     if statistics:
         click.echo(f"scores of {statistics['dagster/row_count']} samples; plots and summary in {root / 'analysis'}")
     for outcome in outcomes:
         for asset, metadata in outcome.materialized.items():
             if asset.startswith("release_"):
                 _echo_release(metadata)
-    click.echo(f"Next: `DAGSTER_HOME={os.environ['DAGSTER_HOME']} CURATION_HOME={root} dagster dev -w workspace.yaml` "
-               "opens the asset graph with these runs; `curation-platform validate POOL_URI` lints your own pool.")
+    click.echo(f"\nNext: `{_ui_command(root, instance, defs)}` opens the asset graph with these runs.")
     if failed:
+        click.echo(f"FAILED: {failed[0].error}", err=True)
         sys.exit(1)
+
+
+def _ui_command(root: Path, instance, defs) -> str:
+    """``dagster dev`` with the environment that makes the code location see this run's settings."""
+    platform, teacher = defs.resources["platform"], defs.resources["teacher_config"]
+    env = {"DAGSTER_HOME": instance.root_directory, "CURATION_HOME": str(root), "CURATION_POOL": platform.pool,
+           "CURATION_TEACHER": teacher.checkpoint, "CURATION_TEACHER_ARCH": teacher.architecture,
+           "CURATION_TEACHER_PRETRAINED": teacher.pretrained, "CURATION_TEACHER_TRAIN_ON": teacher.train_on,
+           "CURATION_TARGET": defs.resources["scoring"].target_uri, "CURATION_RECIPES": platform.recipes_uri}
+    return " ".join(f"{name}={value}" for name, value in env.items() if value) + " dagster dev -w workspace.yaml"
 
 
 def _install_demo_recipes(folder: Path) -> None:
@@ -412,12 +523,6 @@ def _echo_release(metadata: dict) -> None:
     _echo_funnel(manifest)
 
 
-def _asset_key(name: str):
-    import dagster as dg
-
-    return dg.AssetKey(name)
-
-
 STEP_FACTS = {  # what the main job prints per materialisation, when present
     "teacher_id": "teacher {}", "i2t_recall_at_5": "held-out i2t R@5 {:.3f}", "dagster/row_count": "{} rows",
     "pairs_per_second": "{:.0f} pairs/s", "reference_id": "{}", "target_id": "{}", "shards": "{} shards",
@@ -435,6 +540,8 @@ def _print_step(outcome) -> None:
         facts.append("failed blocking checks: " + ", ".join(outcome.failed_checks))
     status = "ok" if outcome.success else "FAILED"
     click.echo(f"  {status:6} {'+'.join(outcome.assets)}{where} ({outcome.seconds:.1f} s)  " + "; ".join(facts))
+    if outcome.error:
+        click.echo(f"         {outcome.error}")
 
 
 # -- releases -----------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing
 import re
 import time
 from collections import Counter, deque
@@ -29,6 +28,7 @@ import pyarrow.parquet as pq
 
 from curation_platform import storage
 from curation_platform.pool import ShardRef, partition_key_for
+from curation_platform.processes import worker_context
 from curation_platform.reasons import Reason
 from curation_platform.shard_reader import TarReadSummary, TarSample, UnsafeEntry, iter_tar_samples
 from curation_platform.storage import S3Settings
@@ -157,10 +157,10 @@ def _read_parquet_rows(shard: ShardRef, s3: S3Settings | None) -> tuple[list[dic
 
 
 def make_executor(workers: int) -> ProcessPoolExecutor | None:
-    """Worker processes for image decoding (``spawn``: safe next to pyarrow's threads)."""
+    """Worker processes for image decoding (see :mod:`curation_platform.processes`)."""
     if workers <= 0:
         return None
-    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    return ProcessPoolExecutor(max_workers=workers, mp_context=worker_context())
 
 
 def ingest_shard(

@@ -11,8 +11,14 @@ held-out part of the split, chosen by uid hash, measures retrieval against chanc
 an open_clip ``local-dir`` teacher directory that :func:`~curation_platform.teachers.load_teacher`
 reads back bit-exactly.
 
-Everything is seeded and single-process, so a seed and a thread count give the same weights on
-the same CPU. Memory holds the whole split (3 x S x S bytes a sample: 12 KiB at S = 64).
+A run is defined by its steps, never by the clock: the same split, config and seed give the same
+weights on the same CPU capability whatever else the machine is doing (``threads`` is fixed by the
+config, and the float kernels are deterministic for a given thread count). Precision follows the
+hardware: bf16 autocast only where the CPU computes bf16 natively (AVX512-BF16 or AMX), fp32
+elsewhere, since emulated bf16 is an order of magnitude slower; the resolved choice is recorded in
+the teacher's config. A time limit, when one is set, is a guard: a run that would be cut short
+raises :class:`TrainingTimeLimitExceeded` and publishes nothing. Memory holds the split (3 x S x S
+bytes a sample: 12 KiB at S = 64), at most ``max_samples`` of it.
 """
 
 from __future__ import annotations
@@ -25,12 +31,14 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
 from curation_platform.embedding.loader import ChunkDataset, ImagePreprocessor, plan_chunks
 from curation_platform.ingest import ingest_shard
 from curation_platform.pool import discover_shards
+from curation_platform.precision import PRECISIONS, cpu_description, resolve_precision
 from curation_platform.storage import S3Settings
 from curation_platform.teachers import Preprocessing, TeacherSpec, load_teacher, save_teacher_directory
 
@@ -40,7 +48,13 @@ RECALL_KS = (1, 5)
 _DECODE_CHUNK = 256
 _EVAL_BATCH = 512
 
+PROGRESS_EVERY_STEPS = 10  # a "step" progress event every this many steps (and at the last one)
+
 ProgressCallback = Callable[[dict[str, Any]], None]
+
+
+class TrainingTimeLimitExceeded(RuntimeError):
+    """A run set a time limit and reached it before its last step: the teacher is not published."""
 
 
 @dataclass(frozen=True)
@@ -107,10 +121,11 @@ class TrainingConfig:
     beta2: float = 0.98
     eps: float = 1e-6
     crop_scale: tuple[float, float] = (0.7, 1.0)  # random resized crop (area); (1, 1) turns it off
-    precision: str = "bf16"  # autocast for training steps on CPU: bf16 or fp32; evaluation is fp32
+    precision: str = "auto"  # autocast of training steps: auto (native bf16, else fp32), bf16 or fp32
     seed: int = 0
     held_out_fraction: float = 0.1
-    max_seconds: float = 600.0  # safety cap from the start of the run: training stops, then evaluates and saves
+    max_samples: int | None = 200_000  # the split's first accepted samples in shard order (memory bound)
+    max_seconds: float | None = None  # a guard, not a budget: reaching it before the last step is an error
     threads: int = 2
 
     def __post_init__(self) -> None:
@@ -120,10 +135,16 @@ class TrainingConfig:
             raise ValueError(f"held_out_fraction must be in (0, 1), got {self.held_out_fraction}")
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
-        if self.precision not in ("bf16", "fp32"):
-            raise ValueError(f"precision must be bf16 or fp32, got {self.precision!r}")
-        if self.threads < 1 or self.max_seconds <= 0:
-            raise ValueError("threads must be >= 1 and max_seconds > 0")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.threads < 1 or (self.max_seconds is not None and self.max_seconds <= 0):
+            raise ValueError("threads must be >= 1 and max_seconds > 0 (or None)")
+        if self.max_samples is not None and self.max_samples < 2 * self.batch_size:
+            raise ValueError(f"max_samples must be at least 2 x batch_size, got {self.max_samples}")
+
+    def resolved(self) -> TrainingConfig:
+        """This config with ``precision`` resolved for this machine (what a teacher records)."""
+        return replace(self, precision=resolve_precision(self.precision))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -160,7 +181,7 @@ class RetrievalMetrics:
 
 @dataclass(frozen=True)
 class EpochStats:
-    """One point of the loss curve; ``steps`` is short of a full epoch only when the time cap hit."""
+    """One point of the loss curve (``seconds`` since training began: for reading, never for control)."""
 
     epoch: int
     steps: int
@@ -184,7 +205,8 @@ class TrainingReport:
     quarantined: int
     epochs_run: float
     steps: int
-    time_capped: bool
+    precision: str
+    cpu: dict[str, Any]
     seconds_data: float
     seconds_train: float
     seconds_total: float
@@ -206,25 +228,33 @@ def train_teacher(
     *,
     s3: S3Settings | None = None,
 ) -> TrainingReport:
-    """Train a teacher on the reference split at ``reference_uri`` and write it to ``out_uri``."""
+    """Train a teacher on the reference split at ``reference_uri`` and write it to ``out_uri``.
+
+    Raises :class:`TrainingTimeLimitExceeded` (writing nothing) when ``config.max_seconds`` is set
+    and training would not finish within it.
+    """
     notify = progress or (lambda event: None)
+    config = config.resolved()
     started = time.perf_counter()
     preprocessing = Preprocessing.from_open_clip(config.model.preprocess_cfg())
     with torch_threads(config.threads), torch.random.fork_rng(devices=[]):
-        data = load_reference(reference_uri, preprocessing, _tokenizer(config.model), s3)
+        data = load_reference(reference_uri, preprocessing, _tokenizer(config.model), s3, config.max_samples)
         held_out_mask = held_out(data.uids, config.held_out_fraction, config.seed)
         train, evaluation = data.subset(~held_out_mask), data.subset(held_out_mask)
         if len(train.uids) < config.batch_size or len(evaluation.uids) < max(RECALL_KS):
             raise ValueError(f"{reference_uri}: {len(train.uids)} training / {len(evaluation.uids)} held-out samples; "
                              f"need at least batch_size={config.batch_size} / {max(RECALL_KS)}")
         seconds_data = time.perf_counter() - started
+        steps_per_epoch = len(train.uids) // config.batch_size
         notify({"stage": "data", "train": len(train.uids), "held_out": len(evaluation.uids),
-                "quarantined": data.quarantined, "seconds": round(seconds_data, 2)})
+                "quarantined": data.quarantined, "seconds": round(seconds_data, 2),
+                "total_steps": steps_per_epoch * config.epochs, "precision": config.precision})
 
         torch.manual_seed(config.seed)
         model = create_model(config.model)
         normalise = PixelNormaliser(preprocessing)
-        curve, capped = fit(model, train, evaluation, normalise, config, notify, deadline=started + config.max_seconds)
+        deadline = None if config.max_seconds is None else started + config.max_seconds
+        curve = fit(model, train, evaluation, normalise, config, notify, deadline)
         metrics = evaluate(model, evaluation, normalise)
     seconds_total = time.perf_counter() - started
     steps = sum(epoch.steps for epoch in curve)
@@ -236,9 +266,10 @@ def train_teacher(
         samples_train=len(train.uids),
         samples_held_out=len(evaluation.uids),
         quarantined=data.quarantined,
-        epochs_run=round(steps / (len(train.uids) // config.batch_size), 3),
+        epochs_run=round(steps / steps_per_epoch, 3),
         steps=steps,
-        time_capped=capped,
+        precision=config.precision,
+        cpu=cpu_description(),
         seconds_data=round(seconds_data, 2),
         seconds_train=round(seconds_total - seconds_data, 2),
         seconds_total=round(seconds_total, 2),
@@ -257,18 +288,30 @@ def train_teacher(
 
 
 def load_reference(reference_uri: str, preprocessing: Preprocessing, tokenizer: Any,
-                   s3: S3Settings | None = None) -> ReferenceData:
-    """Validate every shard, then decode the accepted samples once, exactly as the engine would."""
+                   s3: S3Settings | None = None, max_samples: int | None = None,
+                   uid_filter: Callable[[list[str]], torch.Tensor] | None = None) -> ReferenceData:
+    """Validate the shards in order, then decode their accepted samples once, exactly as the engine
+    would; ``uid_filter`` (uids -> keep mask) narrows them first, and with ``max_samples`` only the
+    first that many are kept (shards past them are not read)."""
     shards = discover_shards(reference_uri, s3=s3)
     if not shards:
         raise FileNotFoundError(f"no shards at {reference_uri}")
     chunks = []
-    quarantined = 0
+    quarantined = accepted = read = 0
     for job, shard in enumerate(shards):
+        if max_samples is not None and accepted >= max_samples:
+            break
         ingestion = ingest_shard(shard, s3=s3)
+        read += 1
         quarantined += ingestion.report.quarantined
-        if shard.tar is not None and ingestion.accepted.num_rows:
-            chunks += plan_chunks(job, shard.tar.uri, ingestion.accepted, _DECODE_CHUNK)
+        samples = ingestion.accepted
+        if uid_filter is not None and samples.num_rows:
+            samples = samples.filter(pa.array(uid_filter(samples.column("uid").to_pylist()).numpy()))
+        if max_samples is not None:
+            samples = samples.slice(0, max_samples - accepted)
+        accepted += samples.num_rows
+        if shard.tar is not None and samples.num_rows:
+            chunks += plan_chunks(job, shard.tar.uri, samples, _DECODE_CHUNK)
     if not chunks:
         raise ValueError(f"{reference_uri}: no accepted samples")
     dataset = ChunkDataset(chunks, ImagePreprocessor(preprocessing), tokenizer, s3)
@@ -277,7 +320,7 @@ def load_reference(reference_uri: str, preprocessing: Preprocessing, tokenizer: 
         uids=[uid for item in items for uid in item["uids"]],
         pixels=torch.cat([item["pixels"] for item in items]),
         tokens=torch.cat([item["tokens"] for item in items]),
-        shards=len(shards),
+        shards=read,
         quarantined=quarantined,
     )
 
@@ -317,8 +360,12 @@ class PixelNormaliser:
 
 
 def fit(model: torch.nn.Module, train: ReferenceData, evaluation: ReferenceData, normalise: PixelNormaliser,
-        config: TrainingConfig, notify: ProgressCallback, deadline: float) -> tuple[list[EpochStats], bool]:
-    """Train in place; returns the per-epoch curve and whether ``deadline`` cut training short."""
+        config: TrainingConfig, notify: ProgressCallback, deadline: float | None = None) -> list[EpochStats]:
+    """Train in place for exactly ``epochs`` epochs; returns the per-epoch curve.
+
+    The clock is read only to report progress and to enforce ``deadline`` (raising, never stopping
+    early), so the weights are a function of the data, the config and the seed.
+    """
     steps_per_epoch = train.pixels.shape[0] // config.batch_size
     total_steps = steps_per_epoch * config.epochs
     optimizer = _optimizer(model, config)
@@ -337,8 +384,16 @@ def fit(model: torch.nn.Module, train: ReferenceData, evaluation: ReferenceData,
             pixels = random_resized_crop(normalise(train.pixels[batch]), config.crop_scale, generator)
             losses.append(_train_step(model, optimizer, pixels, train.tokens[batch], config.precision))
             step += 1
-            if time.perf_counter() > deadline:
-                break
+            now = time.perf_counter()
+            if deadline is not None and now > deadline and step < total_steps:
+                raise TrainingTimeLimitExceeded(
+                    f"training reached max_seconds={config.max_seconds:g} after {step} of {total_steps} steps "
+                    f"(precision {config.precision}, {config.threads} threads); nothing was published. Raise or "
+                    "remove the limit, train fewer epochs, or run on a less loaded machine")
+            if step % PROGRESS_EVERY_STEPS == 0 or step == total_steps:
+                rate = step / max(now - started, 1e-9)
+                notify({"stage": "step", "step": step, "total_steps": total_steps, "epoch": epoch + 1,
+                        "loss": losses[-1], "steps_per_second": rate, "seconds_left": (total_steps - step) / rate})
         stats = EpochStats(
             epoch=epoch + 1,
             steps=len(losses),
@@ -350,9 +405,7 @@ def fit(model: torch.nn.Module, train: ReferenceData, evaluation: ReferenceData,
         )
         curve.append(stats)
         notify({"stage": "epoch", "epochs": config.epochs, **asdict(stats)})
-        if time.perf_counter() > deadline:
-            break
-    return curve, step < total_steps
+    return curve
 
 
 def _optimizer(model: torch.nn.Module, config: TrainingConfig) -> torch.optim.Optimizer:

@@ -39,8 +39,9 @@ def _graph(tmp_path: Path, demo_pool_dir: Path) -> tuple[dg.Definitions, Path]:
     recipes.mkdir(parents=True)
     (recipes / "clip.toml").write_text(RECIPE)
     platform = PlatformResource(home_uri=str(tmp_path / "home"), pool_uri=str(pool), decode_workers=0)
+    # Random weights: the quality gate only warns here (test_teacher_gate covers blocking).
     teacher_config = TeacherResource(checkpoint=str(tiny_teacher_dir(tmp_path / "teacher")), device="cpu",
-                                     workers=0, batch_size=64)
+                                     workers=0, batch_size=64, gate="warn")
     scoring = ScoringResource(reference_size=100, neg_clip_batch_size=64, neg_clip_repeats=3, prompts=[PROMPT],
                               target_uri=str(demo_pool_dir / "target"))
     return build_definitions({}, {"platform": platform, "teacher_config": teacher_config, "scoring": scoring}), pool
@@ -85,6 +86,9 @@ def test_whole_graph_then_only_the_new_shard(tmp_path: Path, demo_pool_dir: Path
     outcomes = materialize_graph(instance, graph, retrain_teacher=True)
 
     by_step = {(outcome.assets, outcome.partition): outcome for outcome in outcomes}
+    gate = by_step[(("teacher",), None)].checks["teacher:teacher_beats_the_bar"]
+    assert not gate["passed"] and gate["severity"] == "WARN" and gate["metadata"]["evidence"] == "evaluated"
+    assert gate["metadata"]["split"] == str(pool)  # no trusted split configured: judged on the pool's held-out slice
     broken = by_step[(("validated_samples", "embeddings"), "00001")]
     assert not broken.success and "validated_samples:shard_reconciles" in broken.failed_checks
     assert set(broken.materialized) == {"validated_samples"}, "a failing blocking check skips the embeddings"

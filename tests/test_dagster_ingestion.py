@@ -45,14 +45,14 @@ def test_sensor_and_partition_materialisation(tmp_path: Path, demo_pool_dir: Pat
 def test_teacher_and_embedding_partition_materialise(tmp_path: Path, demo_pool_dir: Path) -> None:
     from assets.embeddings import embeddings, embeddings_meet_expectations
     from assets.resources import TeacherResource
-    from assets.teachers import teacher
+    from assets.teachers import no_progress, teacher
     from tests.test_embedding import tiny_teacher_dir
 
     platform = PlatformResource(home_uri=str(tmp_path / "home"), pool_uri=str(demo_pool_dir / "pool"),
                                 decode_workers=0)
     teacher_config = TeacherResource(checkpoint=str(tiny_teacher_dir(tmp_path / "teacher")), device="cpu",
-                                     workers=0, batch_size=64)
-    resources = {"platform": platform, "teacher_config": teacher_config}
+                                     workers=0, batch_size=64, gate="warn")  # random weights: see test_teacher_gate
+    resources = {"platform": platform, "teacher_config": teacher_config, "training_progress": no_progress}
     instance = dg.DagsterInstance.ephemeral(tempdir=str(tmp_path / "dagster"))
     instance.add_dynamic_partitions(shard_partitions.name, ["00000"])
 

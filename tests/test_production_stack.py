@@ -183,7 +183,8 @@ def test_production_stack(tmp_path: Path, s3_server: S3Settings, demo_pool_dir: 
     upload_directory(s3_server, demo_pool_dir / "pool", f"{prefix}/pool")
     upload_directory(s3_server, demo_pool_dir / "target", f"{prefix}/target")
     upload_directory(s3_server, tiny_teacher_dir(tmp_path / "teacher"), f"{prefix}/teacher")
-    settings = {"scoring": {"reference_size": 100, "neg_clip_batch_size": 64, "neg_clip_repeats": 2}}
+    settings = {"scoring": {"reference_size": 100, "neg_clip_batch_size": 64, "neg_clip_repeats": 2},
+                "teacher": {"gate": "warn"}}  # random weights: the gate warns (test_teacher_gate covers blocking)
     with s3_server.pyarrow_filesystem().open_output_stream(f"{S3_BUCKET}/{prefix}/home/curation.json") as stream:
         stream.write(json.dumps(settings).encode())
     recipes = tmp_path / "recipes"

@@ -11,12 +11,15 @@ import pytest
 import torch
 
 from curation_platform.demo import DemoPoolConfig, build_demo_pool
+from curation_platform import training
+from curation_platform.precision import cpu_precision
 from curation_platform.teachers import CONFIG_FILE, Preprocessing, TeacherSpec, load_teacher
 from curation_platform.training import (
     ModelConfig,
     PixelNormaliser,
     TrainingConfig,
     TrainingReport,
+    TrainingTimeLimitExceeded,
     cosine_lr,
     held_out,
     load_reference,
@@ -90,7 +93,8 @@ def test_report_is_consistent_and_beats_chance(runs: dict[str, tuple[Path, Train
     recalls = [metrics.i2t_recall_at_1, metrics.i2t_recall_at_5, metrics.t2i_recall_at_1, metrics.t2i_recall_at_5]
     assert all(0.0 <= value <= 1.0 for value in recalls)
     assert metrics.i2t_recall_at_1 <= metrics.i2t_recall_at_5 and metrics.t2i_recall_at_1 <= metrics.t2i_recall_at_5
-    assert report.epochs_run == TINY.epochs and not report.time_capped and len(report.curve) == TINY.epochs
+    assert report.epochs_run == TINY.epochs and len(report.curve) == TINY.epochs
+    assert report.steps == TINY.epochs * (report.samples_train // TINY.batch_size)
     assert report.curve[-1].train_loss < report.curve[0].train_loss
     assert metrics.i2t_recall_at_5 >= 3 * metrics.chance_at_5
     assert metrics.t2i_recall_at_5 >= 3 * metrics.chance_at_5
@@ -131,11 +135,40 @@ def test_schedule_and_augmentation() -> None:
     assert cropped.min() >= pixels.min() and cropped.max() <= pixels.max()  # interpolation inside the image
 
 
-def test_time_cap_stops_training_but_still_evaluates_and_saves(reference: str, tmp_path: Path) -> None:
+def test_precision_follows_the_cpu_and_is_recorded(runs: dict[str, tuple[Path, TrainingReport]]) -> None:
+    out, report = runs["seed0"]
+    assert TINY.precision == "auto" and report.precision == cpu_precision() in ("bf16", "fp32")
+    saved = json.loads((out / CONFIG_FILE).read_text())["training"]
+    assert saved["config"]["precision"] == report.precision
+    assert saved["cpu"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+
+
+class SlowClock:
+    """``time.perf_counter`` for a machine so loaded that every reading is 1,000 s after the last."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += 1000.0
+        return self.now
+
+
+def test_weights_do_not_depend_on_wall_time(reference: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                            runs: dict[str, tuple[Path, TrainingReport]]) -> None:
     events: list[dict] = []
-    report = train_teacher(reference, str(tmp_path / "capped"), replace(TINY, max_seconds=1e-3), events.append)
-    assert report.time_capped and report.steps == 1 and len(report.curve) == 1
-    assert report.epochs_run == round(1 / (report.samples_train // TINY.batch_size), 3)
-    assert [event["stage"] for event in events] == ["data", "epoch", "saved"]
-    assert events[-1]["teacher_id"] == report.teacher_id
-    assert load_teacher(TeacherSpec(checkpoint=str(tmp_path / "capped"))).teacher_id == report.teacher_id
+    monkeypatch.setattr(training.time, "perf_counter", SlowClock())
+    slow = train_teacher(reference, str(tmp_path / "slow"), TINY, events.append)
+    assert slow.teacher_id == runs["seed0"][1].teacher_id  # the same weights, however long each step took
+    assert slow.steps == runs["seed0"][1].steps and slow.seconds_total > 10_000
+    steps = [event for event in events if event["stage"] == "step"]
+    assert steps[-1]["step"] == steps[-1]["total_steps"] == slow.steps
+    assert all(event["steps_per_second"] > 0 and event["seconds_left"] >= 0 for event in steps)
+
+
+def test_a_time_limit_that_cuts_training_short_publishes_nothing(reference: str, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(training.time, "perf_counter", SlowClock())
+    with pytest.raises(TrainingTimeLimitExceeded, match=r"after 1 of \d+ steps.*nothing was published"):
+        train_teacher(reference, str(tmp_path / "capped"), replace(TINY, max_seconds=1500.0))
+    assert not (tmp_path / "capped").exists()

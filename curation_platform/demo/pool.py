@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -36,6 +35,7 @@ from curation_platform.formats.img2dataset import (
     sample_key_digits,
     shard_name,
 )
+from curation_platform.processes import worker_context
 
 ProgressCallback = Callable[[str, int, int], None]
 
@@ -306,9 +306,7 @@ def _run(jobs: Sequence[_ShardJob], workers: int) -> Iterator[_ShardResult]:
     if workers == 1 or len(jobs) <= 1:
         yield from map(_write_shard, jobs)
         return
-    # Spawned, not forked: forking a process that already runs Arrow's thread pools can deadlock.
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context) as executor:
+    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=worker_context()) as executor:
         yield from executor.map(_write_shard, jobs)
 
 

@@ -9,7 +9,6 @@ L2-normalised float32 embeddings to the sink, which commits the shard atomically
 
 from __future__ import annotations
 
-import multiprocessing
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ import torch
 from curation_platform.embedding.loader import ChunkDataset, ImagePreprocessor, plan_chunks
 from curation_platform.embedding.sinks import CommitInfo, EmbeddingSink, record_batch
 from curation_platform.pool import ShardRef
+from curation_platform.processes import worker_context
 from curation_platform.storage import S3Settings
 from curation_platform.teachers import Teacher
 
@@ -127,14 +127,6 @@ def _check_validated_from(shard: ShardRef, samples: pa.Table) -> None:
     if recorded != {shard.shard_id}:
         raise ValueError(f"samples were validated from {sorted(recorded)}, the shard is now {shard.shard_id}: "
                          "re-ingest it before embedding")
-
-
-def worker_context() -> multiprocessing.context.BaseContext:
-    """``forkserver`` with torch and the loader preloaded: workers start in milliseconds once the
-    server is up, and never inherit LanceDB's or pyarrow's threads as a plain ``fork`` would."""
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["__main__", "torch", "open_clip", "curation_platform.embedding.loader"])
-    return context
 
 
 class _BatchEncoder:
