@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,7 +94,7 @@ def materialize_graph(instance: dg.DagsterInstance, defs: dg.Definitions | None 
     outcomes: list[StepOutcome] = []
     skipped: set[str] = set()
 
-    def step(selection: Sequence[str] | dg.AssetSelection, partition: str | None = None) -> bool:
+    def step(selection: list[str] | dg.AssetSelection, partition: str | None = None) -> bool:
         if partition in skipped:
             return True
         outcome = _execute(defs, instance, selection, partition)
@@ -140,7 +140,7 @@ def _teacher_is_current(instance: dg.DagsterInstance, platform: PlatformResource
             and storage.exists(storage.join(platform.trained_teacher_uri, CONFIG_FILE), platform.s3))
 
 
-def _execute(defs: dg.Definitions, instance: dg.DagsterInstance, selection: Sequence[str] | dg.AssetSelection,
+def _execute(defs: dg.Definitions, instance: dg.DagsterInstance, selection: list[str] | dg.AssetSelection,
              partition: str | None) -> StepOutcome:
     started = time.perf_counter()
     result = dg.materialize(
@@ -160,13 +160,13 @@ def _execute(defs: dg.Definitions, instance: dg.DagsterInstance, selection: Sequ
         for evaluation in result.get_asset_check_evaluations()
     }
     failed = [name for name, check in checks.items() if not check["passed"] and check["severity"] == "ERROR"]
-    expected = len(selection) if isinstance(selection, Sequence) else 0
+    expected = len(selection) if isinstance(selection, list) else 0
     success = result.success and not failed and len(materialized) == expected
     error = _first_error(result) or next((f"{name}: {checks[name]['description'] or 'failed'}" for name in failed),
                                          None)
     if not success and error is None:
         error = "the run did not materialise every selected asset (see the run in the Dagster UI)"
-    assets = tuple(selection) if isinstance(selection, Sequence) else tuple(checks) or ("checks",)
+    assets = tuple(selection) if isinstance(selection, list) else tuple(checks) or ("checks",)
     return StepOutcome(assets, partition, success, time.perf_counter() - started, materialized, failed, checks,
                        None if success else error)
 

@@ -1,0 +1,83 @@
+"""`curation-platform run` on a pool that is not the demo's: its own trusted split, the whole graph into
+releases, the teacher's gate in the instance, the user's settings untouched, and a second run that keeps
+the teacher."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import dagster as dg
+import pytest
+from click.testing import CliRunner
+
+from assets.local_run import instance_for
+from assets.teachers import TEACHER_GATE
+from curation_platform.cli import main
+from curation_platform.demo import DemoPoolConfig, build_demo_pool
+
+SETTINGS = {"scoring": {"reference_size": 150, "neg_clip_batch_size": 64, "neg_clip_repeats": 2}}
+RECIPE = 'name = "clip-half"\n[[stage]]\ntype = "top_fraction"\nscore = "clip_score"\nfraction = 0.5\n'
+
+
+@pytest.fixture(scope="module")
+def other_pool(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Another seed and size than the demo's, in a folder of its own, with its own clean reference split."""
+    root = tmp_path_factory.mktemp("users-data")
+    build_demo_pool(DemoPoolConfig(out=root, shards=2, samples_per_shard=120, seed=5, reference_samples=900,
+                                   target_samples=40, eval_samples=10))
+    return root
+
+
+def test_run_on_a_users_own_pool(other_pool: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    monkeypatch.delenv("CURATION_HOME", raising=False)
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "curation.json").write_text(json.dumps(SETTINGS))
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    (recipes / "clip.toml").write_text(RECIPE)
+    command = ["run", "--pool", str(other_pool / "pool"), "--home", str(home),
+               "--train-on", str(other_pool / "reference"), "--epochs", "8", "--min-recall", "0.15",
+               "--target", str(other_pool / "target"), "--prompt", "a photo of a geometric shape",
+               "--recipes", str(recipes)]
+
+    first = CliRunner().invoke(main, command)
+    assert first.exit_code == 0, first.output
+    assert "ok     teacher (" in first.output and "FAILED" not in first.output
+    assert "teacher passed its quality gate: held-out retrieval on" in first.output
+    assert "release clip-half-1-" in first.output
+    assert f"CURATION_TEACHER_TRAIN_ON={other_pool / 'reference'}" in first.output
+    assert not (home / "demo").exists() and sorted(path.name for path in home.iterdir()) == [
+        "analysis", "curation.json", "dagster", "lancedb", "releases", "state", "teacher", "validated"]
+    assert json.loads((home / "curation.json").read_text()) == SETTINGS, "the user's settings are never rewritten"
+    manifest = json.loads(next((home / "releases" / "clip-half").glob("*/manifest.json")).read_text())
+    assert manifest["selected"] > 0 and len(manifest["input_shards"]) == 2
+
+    instance = instance_for(home)
+    key = dg.AssetCheckKey(dg.AssetKey("teacher"), TEACHER_GATE)
+    gate = instance.event_log_storage.get_latest_asset_check_execution_by_key([key])[key].evaluation
+    assert gate.passed and gate.metadata["split"].value == str(other_pool / "reference")
+    chance = gate.metadata["chance_at_5"].value
+    assert min(gate.metadata["i2t_recall_at_5"].value, gate.metadata["t2i_recall_at_5"].value) >= max(0.15, 3 * chance)
+    teacher = instance.get_latest_materialization_event(dg.AssetKey("teacher")).asset_materialization.metadata
+    assert teacher["train_on"].value == str(other_pool / "reference")
+    assert teacher["precision"].value in ("bf16", "fp32") and teacher["steps"].value == 8 * (teacher["samples_train"].value // 128)
+
+    # Again: the teacher is kept (only its gate runs), everything else re-runs idempotently.
+    second = CliRunner().invoke(main, command)
+    assert second.exit_code == 0, second.output
+    assert "ok     teacher:teacher_beats_the_bar (" in second.output and "ok     teacher (" not in second.output
+    assert "release clip-half-2-" in second.output
+    first_id = first.output.split("release clip-half-1-")[1].split(":")[0]
+    assert second.output.split("release clip-half-2-")[1].split(":")[0] == first_id  # same samples, same digest
+
+
+@pytest.mark.slow
+def test_demo_teacher_passes_its_gate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The main job at default sizes (minutes): the demo teacher clears the default bar."""
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    result = CliRunner().invoke(main, ["demo", "--home", str(tmp_path / "home")])
+    assert result.exit_code == 0, result.output
+    assert "teacher passed its quality gate" in result.output and "FAILED" not in result.output
