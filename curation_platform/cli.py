@@ -451,13 +451,13 @@ def run_command(pool_uri: str, home: str | None, teacher_checkpoint: str | None,
     """
     if train_on and (teacher_checkpoint or pretrained):
         raise click.UsageError("--train-on trains the platform's own teacher: leave out --teacher / --pretrained")
-    _teacher_spec(teacher_checkpoint, arch, pretrained) if (teacher_checkpoint or pretrained) else None
-    teacher = {"checkpoint": teacher_checkpoint, "architecture": arch, "pretrained": pretrained,
-               "train_on": train_on, "min_recall_at_5": min_recall_at_5, "gate": teacher_gate}
+    if teacher_checkpoint or pretrained:
+        _teacher_spec(teacher_checkpoint, arch, pretrained)  # refuses a bad combination before anything runs
     training = _training_overrides(epochs, precision, threads, max_seconds)
-    teacher = {name: value for name, value in teacher.items() if value is not None} | training
-    if "max_seconds" in teacher:
-        teacher["max_training_seconds"] = teacher.pop("max_seconds")
+    given = {"checkpoint": teacher_checkpoint, "architecture": arch, "pretrained": pretrained, "train_on": train_on,
+             "min_recall_at_5": min_recall_at_5, "gate": teacher_gate,
+             "max_training_seconds": training.pop("max_seconds", None), **training}
+    teacher = {name: value for name, value in given.items() if value is not None}
     scoring = {name: value for name, value in (("target_uri", target_uri), ("prompts", list(prompts) or None))
                if value is not None}
     _run_main_job(_home(home), pool=pool_uri, teacher=teacher, scoring=scoring, recipes=recipes_dir,

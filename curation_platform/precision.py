@@ -15,11 +15,14 @@ PRECISIONS = ("auto", "bf16", "fp32")
 def cpu_precision() -> str:
     """``bf16`` where this CPU computes bf16 natively (AVX512-BF16 or AMX tiles), else ``fp32``.
 
-    ``torch.backends.cpu.get_cpu_capability()`` says ``AVX512`` for CPUs with and without
-    AVX512-BF16, so the finer probe comes from ``torch.cpu`` (absent on old torch: then fp32).
+    torch's kernels must run at AVX512 (``torch.backends.cpu.get_cpu_capability()``; lower when the
+    CPU lacks it or ``ATEN_CPU_CAPABILITY`` caps it), and since that string says ``AVX512`` for CPUs
+    with and without AVX512-BF16, the finer probe comes from ``torch.cpu`` (absent on old torch: fp32).
     """
     import torch
 
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        return "fp32"
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return "bf16" if any(getattr(torch.cpu, probe, lambda: False)() for probe in probes) else "fp32"
 

@@ -130,6 +130,16 @@ def test_importance_weights_and_whitened_kl(data: dict) -> None:
     clipped = scoring.importance_weights(data["image"], prompt, scale=200.0, mode="clipped", clip_at=3.0)
     assert np.isfinite(clipped).all() and clipped.max() <= 3.0
 
+    # The same bits whatever the thread count (MKL's gemv changes with it, and its thread count with load).
+    rows = torch.nn.functional.normalize(torch.randn(1916, 128, generator=torch.Generator().manual_seed(0)), dim=1)
+    by_threads = []
+    previous = torch.get_num_threads()
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        by_threads.append(scoring.importance_weights(rows, rows[0]).numpy().tobytes())
+    torch.set_num_threads(previous)
+    assert by_threads[0] == by_threads[1]
+
     stats = scoring.WhiteningStats.fit(data["ref_image"], data["ref_text"], chunk=7)
     rt = f64(data["ref_text"])
     cov = np.cov(rt.T, bias=True)

@@ -356,11 +356,13 @@ def importance_weights(image: Array, prompt_embedding: Array, scale: float = 10.
 
     ``raw`` is the published form (``a_w = 10``, not normalised); ``self_normalised`` divides by
     the mean over the given samples; ``clipped`` caps the self-normalised weight at ``clip_at``.
-    Weights are computed from log weights so large scales cannot overflow.
+    Weights are computed from log weights so large scales cannot overflow. The similarity is a
+    product and a row sum, not a matrix-vector product: MKL's gemv changes its float summation with
+    the number of threads it picks, which changes under load, and so would every weight's last bits.
     """
     u = _tensor(image)
     prompt = _tensor(prompt_embedding, u.device).reshape(-1)
-    log_weights = (u @ prompt).double() * float(scale)
+    log_weights = (u * prompt).sum(dim=1, dtype=torch.float64) * float(scale)
     if mode == "raw":
         return _like(torch.exp(log_weights), image)
     log_mean = torch.logsumexp(log_weights, dim=0) - math.log(log_weights.numel())

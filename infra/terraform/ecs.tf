@@ -62,6 +62,7 @@ locals {
       CURATION_DEVICE                 = "cpu"
     },
     var.curation_teacher == "" ? {} : { CURATION_TEACHER = var.curation_teacher },
+    var.curation_teacher_train_on == "" ? {} : { CURATION_TEACHER_TRAIN_ON = var.curation_teacher_train_on },
     var.curation_target == "" ? {} : { CURATION_TARGET = var.curation_target },
   )
 

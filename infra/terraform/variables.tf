@@ -328,9 +328,20 @@ variable "ebs_kms_key_arn" {
 }
 
 variable "curation_teacher" {
-  description = "CURATION_TEACHER for the code location (checkpoint URI or teacher directory). \"\": the platform trains its own teacher on the reference split."
+  description = "CURATION_TEACHER for the code location (checkpoint URI or teacher directory). \"\": the platform trains its own teacher on curation_teacher_train_on."
   type        = string
   default     = ""
+}
+
+variable "curation_teacher_train_on" {
+  description = "CURATION_TEACHER_TRAIN_ON: the trusted split (s3:// shards of clean pairs, in the pool or data bucket, which the task role reads) the platform trains its own teacher on when curation_teacher is \"\". \"\": the pool itself (lower teacher quality, see README)."
+  type        = string
+  default     = ""
+
+  validation {
+    condition     = var.curation_teacher_train_on == "" || can(regex("^s3://", var.curation_teacher_train_on))
+    error_message = "curation_teacher_train_on must be an s3:// URI or \"\"."
+  }
 }
 
 variable "curation_target" {
