@@ -27,7 +27,7 @@ from assets.ingestion import shard_partitions
 from assets.resources import PlatformResource, ScoringResource, TeacherResource, project_settings
 from assets.teachers import TEACHER_GATE, no_progress
 from curation_platform import storage
-from curation_platform.processes import refuse_in_worker_import
+from curation_platform.processes import in_worker_import
 from curation_platform.teachers import CONFIG_FILE
 
 QUIET = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
@@ -79,9 +79,12 @@ def materialize_graph(instance: dg.DagsterInstance, defs: dg.Definitions | None 
     A platform-trained teacher already materialised from the same split and training config is
     kept (its quality gate is evaluated again) unless ``retrain_teacher``; training is
     deterministic, so it would reproduce the same teacher_id. A failed global step (the teacher,
-    its gate, the reference) ends the job: everything after it depends on it.
+    its gate, the reference) ends the job: everything after it depends on it. Called at the top
+    level of a script without a ``__main__`` guard, it does nothing in the worker processes that
+    re-import the script (:func:`~curation_platform.processes.in_worker_import`).
     """
-    refuse_in_worker_import("materialize_graph")
+    if in_worker_import():  # a worker re-importing an unguarded script: the parent runs the job
+        return []
     defs = defs or build_definitions()
     platform: PlatformResource = defs.resources["platform"]
     teacher_config: TeacherResource = defs.resources["teacher_config"]

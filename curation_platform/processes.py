@@ -1,10 +1,11 @@
 """Worker processes: one start method for every pool of workers the library starts.
 
-``forkserver`` with the heavy modules preloaded: workers start in milliseconds once the server is up,
-never inherit LanceDB's or pyarrow's threads as a plain ``fork`` would, and never re-import the
-caller's ``__main__`` (as ``spawn`` does), so a user's script that calls the library at top level
-needs no ``if __name__ == "__main__":`` guard. Where ``forkserver`` does not exist (Windows) it is
-``spawn``, and there such a script must keep the guard (:func:`refuse_in_worker_import` says so).
+``forkserver`` with the heavy modules preloaded (``spawn`` where there is no fork server: Windows):
+workers start in milliseconds once the server is up and never inherit LanceDB's or pyarrow's
+threads as a plain ``fork`` would. Either way a new worker re-imports the caller's script as
+``__mp_main__`` before it starts work, so an entry point called at a script's top level runs again
+in every worker; :func:`in_worker_import` lets such entry points return at once there, so a user's
+script needs no ``if __name__ == "__main__":`` guard.
 """
 
 from __future__ import annotations
@@ -23,10 +24,7 @@ def worker_context() -> multiprocessing.context.BaseContext:
     return context
 
 
-def refuse_in_worker_import(entry_point: str) -> None:
-    """Raise a clear error when ``entry_point`` runs inside a worker that is importing the user's script
-    (``spawn`` re-runs a script's top level in every worker), instead of a cascade of broken workers."""
-    process = multiprocessing.current_process()
-    if multiprocessing.parent_process() is not None and getattr(process, "_inheriting", False):
-        raise RuntimeError(f"{entry_point} was called while a worker process was importing your script: "
-                           "put the call under `if __name__ == \"__main__\":`")
+def in_worker_import() -> bool:
+    """True while this process is a new worker importing the caller's script (multiprocessing marks
+    that phase ``_inheriting``); the script's top-level calls must do nothing then."""
+    return bool(getattr(multiprocessing.current_process(), "_inheriting", False))

@@ -5,6 +5,7 @@ the teacher."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import dagster as dg
@@ -81,3 +82,40 @@ def test_demo_teacher_passes_its_gate(tmp_path: Path, monkeypatch: pytest.Monkey
     result = CliRunner().invoke(main, ["demo", "--home", str(tmp_path / "home")])
     assert result.exit_code == 0, result.output
     assert "teacher passed its quality gate" in result.output and "FAILED" not in result.output
+
+
+UNGUARDED_SCRIPT = """
+import json
+from pathlib import Path
+from assets.local_run import instance_for, main_job_definitions, materialize_graph
+
+home = Path({home!r})
+defs = main_job_definitions(str(home), pool={pool!r}, teacher={{"checkpoint": {teacher!r}, "gate": "warn"}},
+                            scoring={{"reference_size": 50, "neg_clip_batch_size": 32, "neg_clip_repeats": 2}})
+outcomes = materialize_graph(instance_for(home), defs)
+print("OUTCOMES", json.dumps([[list(outcome.assets), outcome.partition, outcome.success, outcome.error]
+                              for outcome in outcomes]))
+"""
+
+
+def test_a_script_without_a_main_guard_runs_the_job(other_pool: Path, tmp_path: Path) -> None:
+    """Decoding and embedding workers re-import the script; the job must run once, in the parent, and pass."""
+    import subprocess
+    import sys
+
+    from tests.test_embedding import tiny_teacher_dir
+
+    script = tmp_path / "my_pipeline.py"
+    script.write_text(UNGUARDED_SCRIPT.format(home=str(tmp_path / "home"), pool=str(other_pool / "pool"),
+                                              teacher=str(tiny_teacher_dir(tmp_path / "teacher"))))
+    env = {key: value for key, value in os.environ.items() if key not in ("DAGSTER_HOME", "CURATION_HOME")}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    completed = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600,
+                               cwd=tmp_path)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    reports = [line for line in completed.stdout.splitlines() if line.startswith("OUTCOMES")]
+    parent = [line for line in reports if line != "OUTCOMES []"]
+    assert len(parent) == 1 and len(reports) > 1, reports  # workers re-imported the script and did nothing
+    outcomes = json.loads(parent[0].removeprefix("OUTCOMES "))
+    assert [step[1] for step in outcomes if step[0] == ["validated_samples", "embeddings"]] == ["00000", "00001"]
+    assert all(success for _, _, success, _ in outcomes), outcomes
