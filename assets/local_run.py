@@ -94,39 +94,57 @@ def materialize_graph(instance: dg.DagsterInstance, defs: dg.Definitions | None 
     new_keys = [key for key in keys if not instance.has_dynamic_partition(shard_partitions.name, key)]
     if new_keys:
         instance.add_dynamic_partitions(shard_partitions.name, new_keys)
+    keep_teacher = not retrain_teacher and _teacher_is_current(instance, platform, teacher_config)
     outcomes: list[StepOutcome] = []
     skipped: set[str] = set()
-
-    def step(selection: list[str] | dg.AssetSelection, partition: str | None = None) -> bool:
-        if partition in skipped:
-            return True
-        outcome = _execute(defs, instance, selection, partition)
-        outcomes.append(outcome)
-        if on_step:
-            on_step(outcome)
-        if not outcome.success and partition is not None:
-            skipped.add(partition)
-        return outcome.success or partition is not None
-
-    if retrain_teacher or not _teacher_is_current(instance, platform, teacher_config):
-        go_on = step(["teacher"])
-    else:
-        go_on = step(dg.AssetSelection.checks(dg.AssetCheckKey(TEACHER, TEACHER_GATE)))
-    if not go_on:
-        return outcomes
-    for key in keys:
-        step(["validated_samples", "embeddings"], key)
-    if not step(["reference_sample", "normsim_target"]):
-        return outcomes
-    for key in keys:
-        step(["shard_scores"], key)
-    if not step(["score_statistics"]):
-        return outcomes
-    releases = sorted(key.to_user_string() for key in defs.resolve_all_asset_keys()
-                      if key.to_user_string().startswith("release_"))
-    for release in releases:
-        step([release])
+    for wave in lineage_waves(defs):
+        partitions = keys if wave.per_shard else [None]
+        assets = [name for name in wave.assets if not (keep_teacher and name == TEACHER.to_user_string())]
+        checks = [dg.AssetCheckKey(TEACHER, TEACHER_GATE)] if len(assets) < len(wave.assets) else []
+        for partition in partitions:
+            if partition in skipped:
+                continue
+            outcome = _execute(defs, instance, assets, checks, partition)
+            outcomes.append(outcome)
+            if on_step:
+                on_step(outcome)
+            if not outcome.success and partition is None:
+                return outcomes  # everything after a global step depends on it
+            if not outcome.success:
+                skipped.add(partition)
     return outcomes
+
+
+@dataclass(frozen=True)
+class Wave:
+    """Assets the main job materialises in one run (per shard, when ``per_shard``), in lineage order."""
+
+    assets: tuple[str, ...]
+    per_shard: bool
+
+
+def lineage_waves(defs: dg.Definitions) -> list[Wave]:
+    """The asset graph cut into runs, each after everything upstream of it: every unpartitioned asset
+    whose inputs are done runs in one global run, then every shard's partitioned assets that become
+    ready run together in one run per shard. A new asset finds its place from its deps alone."""
+    graph = defs.resolve_asset_graph()
+    keys = sorted(graph.materializable_asset_keys)
+    upstream = {key: set(graph.get(key).parent_keys) & set(keys) for key in keys}
+    per_shard = {key: graph.get(key).is_partitioned for key in keys}
+    done: set[dg.AssetKey] = set()
+    waves: list[Wave] = []
+    while len(done) < len(keys):
+        ready = [key for key in keys if key not in done and not per_shard[key] and upstream[key] <= done]
+        done |= set(ready)
+        chain: list[dg.AssetKey] = []
+        while grown := [key for key in keys if key not in done and per_shard[key] and upstream[key] <= done]:
+            chain += grown
+            done |= set(grown)
+        if not ready and not chain:
+            raise dg.DagsterInvariantViolationError(f"assets {sorted(set(keys) - done)} can never be ready")
+        waves += [Wave(tuple(key.to_user_string() for key in group), partitioned)
+                  for group, partitioned in ((ready, False), (chain, True)) if group]
+    return waves
 
 
 def _teacher_is_current(instance: dg.DagsterInstance, platform: PlatformResource,
@@ -143,34 +161,34 @@ def _teacher_is_current(instance: dg.DagsterInstance, platform: PlatformResource
             and storage.exists(storage.join(platform.trained_teacher_uri, CONFIG_FILE), platform.s3))
 
 
-def _execute(defs: dg.Definitions, instance: dg.DagsterInstance, selection: list[str] | dg.AssetSelection,
-             partition: str | None) -> StepOutcome:
+def _execute(defs: dg.Definitions, instance: dg.DagsterInstance, assets: list[str],
+             checks: list[dg.AssetCheckKey], partition: str | None) -> StepOutcome:
+    """One run: ``assets`` with their checks, plus ``checks`` alone (a kept asset's checks)."""
     started = time.perf_counter()
+    selection = dg.AssetSelection.assets(*assets) | dg.AssetSelection.checks(*checks)
     result = dg.materialize(
         [*defs.assets, *defs.asset_checks], selection=selection, partition_key=partition, instance=instance,
-        resources=defs.resources, run_config=QUIET, raise_on_error=False,
-        tags={"curation/main_job": "true"},
+        resources=defs.resources, run_config=QUIET, raise_on_error=False, tags={"curation/main_job": "true"},
     )
     materialized = {
         event.asset_key.to_user_string(): {name: value.value for name, value in event.materialization.metadata.items()}
         for event in result.get_asset_materialization_events()
     }
-    checks = {
+    evaluated = {
         evaluation.asset_check_key.to_user_string(): {
             "passed": evaluation.passed, "severity": evaluation.severity.value, "description": evaluation.description,
             "metadata": {name: value.value for name, value in evaluation.metadata.items()},
         }
         for evaluation in result.get_asset_check_evaluations()
     }
-    failed = [name for name, check in checks.items() if not check["passed"] and check["severity"] == "ERROR"]
-    expected = len(selection) if isinstance(selection, list) else 0
-    success = result.success and not failed and len(materialized) == expected
-    error = _first_error(result) or next((f"{name}: {checks[name]['description'] or 'failed'}" for name in failed),
+    failed = [name for name, check in evaluated.items() if not check["passed"] and check["severity"] == "ERROR"]
+    success = result.success and not failed and len(materialized) == len(assets)
+    error = _first_error(result) or next((f"{name}: {evaluated[name]['description'] or 'failed'}" for name in failed),
                                          None)
     if not success and error is None:
         error = "the run did not materialise every selected asset (see the run in the Dagster UI)"
-    assets = tuple(selection) if isinstance(selection, list) else tuple(checks) or ("checks",)
-    return StepOutcome(assets, partition, success, time.perf_counter() - started, materialized, failed, checks,
+    names = (*assets, *(check.to_user_string() for check in checks))
+    return StepOutcome(names, partition, success, time.perf_counter() - started, materialized, failed, evaluated,
                        None if success else error)
 
 

@@ -50,7 +50,7 @@ def release_asset(recipe: Recipe, check_keys: list[dg.AssetCheckKey]) -> dg.Asse
     def _release(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
         teacher_id = teacher_id_of(context)
         sources = ReleaseSources(platform.lancedb_uri, platform.validated_uri, teacher_id, platform.pool, platform.s3)
-        options = ReleaseOptions(dagster_run_id=context.run_id, checks=_check_results(context, check_keys),
+        options = ReleaseOptions(run_id=context.run.run_id, checks=_check_results(context, check_keys),
                                  labels=_evaluation_labels(platform))
         created = create_release(recipe, sources, platform.releases_uri, options)
         manifest = created.manifest

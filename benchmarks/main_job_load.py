@@ -68,7 +68,8 @@ def main() -> None:
     from curation_platform.precision import cpu_precision
 
     print(json.dumps({"cpu_capability": torch.backends.cpu.get_cpu_capability(), "precision_auto": cpu_precision(),
-                      "cores": os.cpu_count(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(library default)"),
+                      "cores": os.cpu_count(),
+                      "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(library default)"),
                       "date": time.strftime("%Y-%m-%d")}), flush=True)
     env = {name: value for name, value in os.environ.items() if name not in ("CURATION_HOME", "DAGSTER_HOME")}
     for load in args.load:

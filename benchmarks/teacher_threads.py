@@ -71,7 +71,8 @@ def main() -> None:
 
     from curation_platform.precision import cpu_precision
 
-    print(json.dumps({"cpu_capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": cpu_precision() == "bf16",
+    print(json.dumps({"cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                      "native_bf16": cpu_precision() == "bf16",
                       "torch": torch.__version__, "cores": multiprocessing.cpu_count(),
                       "date": time.strftime("%Y-%m-%d")}))
     for load in args.load:

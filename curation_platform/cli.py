@@ -19,10 +19,9 @@ from curation_platform.precision import PRECISIONS
 from curation_platform.validation import ValidationLimits
 
 DEFAULT_HOME = "curation_home"
-DEMO_PROMPTS = ("a photo of a geometric shape", "a checkerboard or striped texture pattern")
 
 
-def _home(home: str | None) -> Path:
+def home_path(home: str | None) -> Path:
     return Path(home or os.environ.get("CURATION_HOME") or DEFAULT_HOME).resolve()
 
 
@@ -88,11 +87,11 @@ def main() -> None:
 @click.option("--workers", type=int, default=1, show_default=True, help="Processes generating shards.")
 def demo_pool(out: Path, shards: int, samples_per_shard: int, seed: int, workers: int) -> None:
     """Write a synthetic pool in img2dataset format with labelled corruptions and clean splits."""
-    summary = _build_demo_pool(out, shards, samples_per_shard, seed, workers)
+    summary = build_demo_pool_into(out, shards, samples_per_shard, seed, workers)
     click.echo(json.dumps(summary, indent=2))
 
 
-def _build_demo_pool(out: Path, shards: int, samples_per_shard: int, seed: int, workers: int,
+def build_demo_pool_into(out: Path, shards: int, samples_per_shard: int, seed: int, workers: int,
                      reuse: bool = False) -> dict:
     """Build the demo pool; with ``reuse``, a complete pool of the same config is kept as it is."""
     from curation_platform.demo import DemoPoolConfig, build_demo_pool
@@ -166,10 +165,10 @@ def ingest(pool_uri: str, out_uri: str, home: str | None, min_side: int, max_pix
            max_caption_chars: int, workers: int) -> None:
     """Validate a pool and write samples/, quarantine/ and reports/ per shard under OUT."""
     limits = ValidationLimits(min_image_side=min_side, max_pixels=max_pixels, max_caption_chars=max_caption_chars)
-    _print_reports(_ingest(_discover(pool_uri, _home(home)), limits, workers, out_uri))
+    _print_reports(_ingest(_discover(pool_uri, home_path(home)), limits, workers, out_uri))
 
 
-def _teacher_options(function):
+def teacher_options(function):
     options = [
         click.option("--teacher", "teacher_checkpoint", default=None,
                      help="Teacher directory or checkpoint file (local or s3://), e.g. one train-teacher wrote."),
@@ -181,7 +180,7 @@ def _teacher_options(function):
     return function
 
 
-def _teacher_spec(teacher_checkpoint: str | None, arch: str | None, pretrained: str | None):
+def teacher_spec(teacher_checkpoint: str | None, arch: str | None, pretrained: str | None):
     from curation_platform.teachers import TeacherSpec
 
     try:
@@ -217,14 +216,14 @@ def _embed(pool_uri: str, validated_uri: str, lance_uri: str, table: str, spec, 
 @click.option("--validated", "validated_uri", required=True, help="Where `ingest --out` wrote validated samples.")
 @click.option("--lance", "lance_uri", required=True, help="LanceDB database (local path or s3:// URI).")
 @click.option("--table", default="embeddings", show_default=True, help="LanceDB table name.")
-@_teacher_options
+@teacher_options
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--batch-size", type=int, default=256, show_default=True, help="Pairs per forward pass.")
 @click.option("--workers", type=int, default=2, show_default=True, help="Decode/tokenize worker processes.")
 def embed(pool_uri: str, validated_uri: str, lance_uri: str, table: str, teacher_checkpoint: str | None,
           arch: str | None, pretrained: str | None, device: str, batch_size: int, workers: int) -> None:
     """Embed every validated shard of a pool with a teacher into LanceDB (idempotent per shard)."""
-    _embed(pool_uri, validated_uri, lance_uri, table, _teacher_spec(teacher_checkpoint, arch, pretrained),
+    _embed(pool_uri, validated_uri, lance_uri, table, teacher_spec(teacher_checkpoint, arch, pretrained),
            device, batch_size, workers, None)
 
 
@@ -289,7 +288,7 @@ def _score_options(function):
 
 @main.command()
 @click.option("--lance", "lance_uri", required=True, help="LanceDB database holding the embeddings.")
-@_teacher_options
+@teacher_options
 @_score_options
 @click.option("--analysis", "analysis_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Write score histograms and correlations (PNG + parquet) here.")
@@ -303,11 +302,11 @@ def score(lance_uri: str, teacher_checkpoint: str | None, arch: str | None, pret
 
     params = ScoreParams(reference_size=reference_size, reference_seed=reference_seed,
                          neg_clip_batch_size=neg_clip_batch_size, neg_clip_repeats=repeats, prompts=prompts)
-    _score(lance_uri, _teacher_spec(teacher_checkpoint, arch, pretrained), target_uri, params, analysis_dir,
+    _score(lance_uri, teacher_spec(teacher_checkpoint, arch, pretrained), target_uri, params, analysis_dir,
            validated_uri)
 
 
-class _TrainingBar:
+class TrainingBar:
     """Per-step progress of a teacher's training on stderr: steps, loss, steps/s and time left."""
 
     def __init__(self) -> None:
@@ -327,7 +326,7 @@ class _TrainingBar:
             self.bar = None
 
 
-def _training_options(function):
+def training_options(function):
     options = [
         click.option("--epochs", type=int, default=None, help="Training epochs (default: TrainingConfig's, 15)."),
         click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
@@ -343,7 +342,7 @@ def _training_options(function):
     return function
 
 
-def _training_overrides(epochs: int | None, precision: str, threads: int | None,
+def training_overrides(epochs: int | None, precision: str, threads: int | None,
                         max_seconds: float | None) -> dict:
     """TeacherResource / TrainingConfig fields the user set on the command line."""
     chosen = {"epochs": epochs, "threads": threads, "max_seconds": max_seconds}
@@ -354,7 +353,7 @@ def _training_overrides(epochs: int | None, precision: str, threads: int | None,
 @click.argument("reference_uri")
 @click.option("--out", "out_uri", required=True, help="Teacher directory to write (local path or s3:// URI).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of initialisation, split and order.")
-@_training_options
+@training_options
 def train_teacher_command(reference_uri: str, out_uri: str, seed: int, epochs: int | None, precision: str,
                           threads: int | None, max_seconds: float | None) -> None:
     """Train a small CLIP teacher on a trusted reference split (the data-filtering-network idea).
@@ -366,9 +365,9 @@ def train_teacher_command(reference_uri: str, out_uri: str, seed: int, epochs: i
     from curation_platform.teacher_quality import TeacherBar
     from curation_platform.training import TrainingConfig, TrainingTimeLimitExceeded, train_teacher
 
-    config = replace(TrainingConfig(seed=seed), **_training_overrides(epochs, precision, threads, max_seconds))
+    config = replace(TrainingConfig(seed=seed), **training_overrides(epochs, precision, threads, max_seconds))
     try:
-        report = train_teacher(reference_uri, out_uri, config, progress=_TrainingBar())
+        report = train_teacher(reference_uri, out_uri, config, progress=TrainingBar())
     except TrainingTimeLimitExceeded as error:
         raise click.ClickException(str(error)) from error
     metrics = report.held_out
@@ -385,165 +384,6 @@ def train_teacher_command(reference_uri: str, out_uri: str, seed: int, epochs: i
         sys.exit(1)
 
 
-DEMO_SCORING = {"reference_size": 1000, "neg_clip_batch_size": 1024, "neg_clip_repeats": 10,
-                "prompts": list(DEMO_PROMPTS)}
-
-
-@main.command()
-@click.option("--home", default=None, help=f"Project home (default ./{DEFAULT_HOME}) [env CURATION_HOME].")
-@click.option("--shards", type=int, default=4, show_default=True, help="Shards in the demo pool.")
-@click.option("--samples-per-shard", type=int, default=500, show_default=True, help="Samples per demo shard.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Demo pool seed.")
-@click.option("--workers", type=int, default=min(4, os.cpu_count() or 1), show_default=True,
-              help="Worker processes for demo generation.")
-@click.option("--retrain-teacher", is_flag=True, help="Train the teacher again even if one is materialised.")
-def demo(home: str | None, shards: int, samples_per_shard: int, seed: int, workers: int,
-         retrain_teacher: bool) -> None:
-    """The main job on the embedded default: build the demo pool, then `run` on it.
-
-    The demo home gets the demo's scoring settings (``curation.json``, unless one is there) and
-    recipes; the teacher trains on the demo's clean reference split.
-    """
-    root = _home(home)
-    started = time.perf_counter()
-    click.echo(f"project home: {root}")
-    demo_dir = root / "demo"
-    _build_demo_pool(demo_dir, shards, samples_per_shard, seed, workers, reuse=True)
-    click.echo(f"demo pool in {demo_dir} ({time.perf_counter() - started:.1f} s)")
-    settings = root / "curation.json"
-    if not settings.exists():
-        settings.write_text(json.dumps({"scoring": DEMO_SCORING}, indent=2) + "\n")
-    elif json.loads(settings.read_text()).get("scoring") != DEMO_SCORING:
-        click.echo(f"using the settings in {settings} (not the demo's: delete it for those)")
-    _install_demo_recipes(root / "recipes")
-    _run_main_job(root, pool=str(demo_dir / "pool"), teacher={"train_on": str(demo_dir / "reference")},
-                  scoring={}, recipes=None, retrain_teacher=retrain_teacher, started=started)
-
-
-@main.command("run")
-@click.option("--pool", "pool_uri", required=True, help="The pool's shards (local folder or s3:// prefix).")
-@click.option("--home", default=None, help=f"Project home (default ./{DEFAULT_HOME}) [env CURATION_HOME].")
-@_teacher_options
-@click.option("--train-on", default=None,
-              help="Trusted split (shards) the platform trains its teacher on; default: the pool itself.")
-@click.option("--min-recall", "min_recall_at_5", type=float, default=None,
-              help="Teacher quality bar: held-out R@5 each way (default 0.3).")
-@click.option("--teacher-gate", type=click.Choice(["block", "warn"]), default=None,
-              help="What a teacher below the bar does: block embedding (default) or only warn.")
-@_training_options
-@click.option("--target", "target_uri", default=None, help="NormSim target images or shards (local or s3://).")
-@click.option("--prompt", "prompts", multiple=True, help="Domain prompt for importance weights (repeatable).")
-@click.option("--recipes", "recipes_dir", default=None, type=click.Path(file_okay=False),
-              help="Release recipes (default <home>/recipes).")
-@click.option("--retrain-teacher", is_flag=True, help="Train the teacher again even if one is materialised.")
-def run_command(pool_uri: str, home: str | None, teacher_checkpoint: str | None, arch: str | None,
-                pretrained: str | None, train_on: str | None, min_recall_at_5: float | None,
-                teacher_gate: str | None, epochs: int | None, precision: str, threads: int | None,
-                max_seconds: float | None, target_uri: str | None, prompts: tuple[str, ...],
-                recipes_dir: str | None, retrain_teacher: bool) -> None:
-    """The main job on your own pool: every shard through the whole asset graph, in this process.
-
-    Registers the pool's shards as partitions, then runs teacher (trained on --train-on, or the pool;
-    or --teacher / --arch --pretrained) and its quality gate, ingestion, embeddings, reference, target,
-    scores, statistics and one release per recipe, as Dagster runs with every data-quality check.
-    Settings in <home>/curation.json apply; options given here override them for this run and are
-    never written back.
-    """
-    if train_on and (teacher_checkpoint or pretrained):
-        raise click.UsageError("--train-on trains the platform's own teacher: leave out --teacher / --pretrained")
-    if teacher_checkpoint or pretrained:
-        _teacher_spec(teacher_checkpoint, arch, pretrained)  # refuses a bad combination before anything runs
-    training = _training_overrides(epochs, precision, threads, max_seconds)
-    given = {"checkpoint": teacher_checkpoint, "architecture": arch, "pretrained": pretrained, "train_on": train_on,
-             "min_recall_at_5": min_recall_at_5, "gate": teacher_gate,
-             "max_training_seconds": training.pop("max_seconds", None), **training}
-    teacher = {name: value for name, value in given.items() if value is not None}
-    scoring = {name: value for name, value in (("target_uri", target_uri), ("prompts", list(prompts) or None))
-               if value is not None}
-    _run_main_job(_home(home), pool=pool_uri, teacher=teacher, scoring=scoring, recipes=recipes_dir,
-                  retrain_teacher=retrain_teacher, started=time.perf_counter())
-
-
-def _run_main_job(root: Path, *, pool: str, teacher: dict, scoring: dict, recipes: str | None,
-                  retrain_teacher: bool, started: float) -> None:
-    """``run`` and ``demo``: the graph in-process, one line per run, then releases and how to open the UI."""
-    from assets.local_run import instance_for, main_job_definitions, materialize_graph
-
-    defs = main_job_definitions(str(root), pool=pool, teacher=teacher, scoring=scoring, recipes=recipes,
-                                training_progress=_TrainingBar())
-    instance = instance_for(root)
-    click.echo(f"running the asset graph in-process on {pool} (Dagster instance: {instance.root_directory})")
-    outcomes = materialize_graph(instance, defs, on_step=_print_step, retrain_teacher=retrain_teacher)
-    failed = [outcome for outcome in outcomes if not outcome.success]
-    click.echo(f"\ndone in {time.perf_counter() - started:.1f} s: {len(outcomes)} runs, {len(failed)} failed.")
-    gate = next((check for outcome in outcomes for name, check in outcome.checks.items()
-                 if name.endswith("teacher_beats_the_bar")), None)
-    if gate:
-        click.echo(f"teacher {'passed' if gate['passed'] else 'FAILED'} its quality gate: {gate['description']}")
-    statistics = next((o.materialized["score_statistics"] for o in outcomes if "score_statistics" in o.materialized),
-                      None)
-    if statistics:
-        click.echo(f"scores of {statistics['dagster/row_count']} samples; plots and summary in {root / 'analysis'}")
-    for outcome in outcomes:
-        for asset, metadata in outcome.materialized.items():
-            if asset.startswith("release_"):
-                _echo_release(metadata)
-    click.echo(f"\nNext: `{_ui_command(root, instance, defs)}` opens the asset graph with these runs.")
-    if failed:
-        click.echo(f"FAILED: {failed[0].error}", err=True)
-        sys.exit(1)
-
-
-def _ui_command(root: Path, instance, defs) -> str:
-    """``dagster dev`` with the environment that makes the code location see this run's settings."""
-    platform, teacher = defs.resources["platform"], defs.resources["teacher_config"]
-    env = {"DAGSTER_HOME": instance.root_directory, "CURATION_HOME": str(root), "CURATION_POOL": platform.pool,
-           "CURATION_TEACHER": teacher.checkpoint, "CURATION_TEACHER_ARCH": teacher.architecture,
-           "CURATION_TEACHER_PRETRAINED": teacher.pretrained, "CURATION_TEACHER_TRAIN_ON": teacher.train_on,
-           "CURATION_TARGET": defs.resources["scoring"].target_uri, "CURATION_RECIPES": platform.recipes_uri}
-    return " ".join(f"{name}={value}" for name, value in env.items() if value) + " dagster dev -w workspace.yaml"
-
-
-def _install_demo_recipes(folder: Path) -> None:
-    """Copy the packaged demo recipes into the home (an edited recipe of the same name is kept)."""
-    from importlib.resources import files
-
-    folder.mkdir(parents=True, exist_ok=True)
-    for recipe in sorted(files("curation_platform.releases").joinpath("demo_recipes").iterdir(),
-                         key=lambda item: item.name):
-        target = folder / recipe.name
-        if recipe.name.endswith(".toml") and not target.exists():
-            target.write_text(recipe.read_text())
-
-
-def _echo_release(metadata: dict) -> None:
-    manifest = json.loads(Path(metadata["manifest"]).read_text())
-    click.echo(f"\nrelease {manifest['release_id']}: {manifest['selected']:,} of {manifest['pool_rows']:,} samples "
-               f"in {Path(metadata['manifest']).parent} (report: report/report.md)")
-    _echo_funnel(manifest)
-
-
-STEP_FACTS = {  # what the main job prints per materialisation, when present
-    "teacher_id": "teacher {}", "i2t_recall_at_5": "held-out i2t R@5 {:.3f}", "dagster/row_count": "{} rows",
-    "pairs_per_second": "{:.0f} pairs/s", "reference_id": "{}", "target_id": "{}", "shards": "{} shards",
-}
-
-
-def _print_step(outcome) -> None:
-    where = f"[{outcome.partition}]" if outcome.partition else ""
-    facts = []
-    for asset, metadata in sorted(outcome.materialized.items()):
-        shown = [template.format(metadata[name]) for name, template in STEP_FACTS.items()
-                 if metadata.get(name) is not None and not (asset != "teacher" and name == "teacher_id")]
-        facts.append(f"{asset}: {', '.join(shown)}")
-    if outcome.failed_checks:
-        facts.append("failed blocking checks: " + ", ".join(outcome.failed_checks))
-    status = "ok" if outcome.success else "FAILED"
-    click.echo(f"  {status:6} {'+'.join(outcome.assets)}{where} ({outcome.seconds:.1f} s)  " + "; ".join(facts))
-    if outcome.error:
-        click.echo(f"         {outcome.error}")
-
-
 # -- releases -----------------------------------------------------------------------------------
 
 @main.group()
@@ -552,7 +392,7 @@ def release() -> None:
 
 
 def _releases_uri(home: str | None, releases: str | None) -> str:
-    return releases or str(_home(home) / "releases")
+    return releases or str(home_path(home) / "releases")
 
 
 def _release_options(function):
@@ -577,7 +417,7 @@ def _current_teacher_id(lance_uri: str) -> str:
     return teachers[0]
 
 
-def _echo_funnel(manifest: dict) -> None:
+def echo_funnel(manifest: dict) -> None:
     for stage in manifest["funnel"]:
         click.echo(f"  {stage['rows']:>10,}  {stage['stage']}")
 
@@ -597,7 +437,7 @@ def release_create(recipe_path: Path, home: str | None, releases_uri: str | None
     """Run a recipe on the scored pool and publish an immutable release."""
     from curation_platform.releases import RecipeError, ReleaseOptions, ReleaseSources, create_release, load_recipe
 
-    root = _home(home)
+    root = home_path(home)
     lance_uri = lance_uri or str(root / "lancedb")
     try:
         recipe = load_recipe(recipe_path)
@@ -609,7 +449,7 @@ def release_create(recipe_path: Path, home: str | None, releases_uri: str | None
         raise click.ClickException(str(error)) from error
     click.echo(f"release {created.release_id}: {created.manifest['selected']:,} of "
                f"{created.manifest['pool_rows']:,} samples at {created.uri}")
-    _echo_funnel(created.manifest)
+    echo_funnel(created.manifest)
 
 
 def _read_labels(path: str | None):
@@ -672,7 +512,7 @@ def release_show(reference: str, home: str | None, releases_uri: str | None, as_
                                        manifest["lancedb_tables"].items()))
     click.echo(f"  {len(manifest['input_shards'])} input shards; recipe sha256 {manifest['recipe']['sha256'][:16]}; "
                f"created {manifest['created_at']}")
-    _echo_funnel(manifest)
+    echo_funnel(manifest)
 
 
 @release.command("diff")

@@ -131,7 +131,8 @@ def judge_teacher(teacher: Teacher, split_uri: str, bar: TeacherBar = TeacherBar
     platform (and the report is its own), else an evaluation on ``split_uri``'s held-out slice."""
     report = training_report(teacher.spec, s3)
     if report is not None and report.get("held_out"):
-        metrics, evidence, split_uri = RetrievalMetrics(**report["held_out"]), "training report", report["reference_uri"]
+        metrics, evidence = RetrievalMetrics(**report["held_out"]), "training report"
+        split_uri = report["reference_uri"]
     else:
         metrics, evidence = evaluate_teacher(teacher, split_uri, max_pairs=max_pairs, s3=s3), "evaluated"
     shortfalls = bar.shortfalls(metrics)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from curation_platform.cli import main
+from assets.cli import main
 from curation_platform.reasons import REASON_DESCRIPTIONS, Reason
 from tests.test_hostile_shard import hostile_shard
 

@@ -101,7 +101,7 @@ def test_whole_graph_then_only_the_new_shard(tmp_path: Path, demo_pool_dir: Path
     statistics = by_step[(("score_statistics",), None)].materialized["score_statistics"]
     assert statistics["dagster/row_count"] == accepted and statistics["shards"] == 1
     assert "kl_text_coverage_png" in statistics and "data:image/png;base64," in statistics["score_histograms_png"]
-    reference = by_step[(("reference_sample", "normsim_target"), None)].materialized
+    reference = by_step[(("normsim_target", "reference_sample"), None)].materialized
     assert reference["reference_sample"]["dagster/row_count"] == 100
     assert reference["normsim_target"]["dagster/row_count"] > 0
     release = by_step[(("release_clip_top",), None)].materialized["release_clip_top"]

@@ -380,7 +380,7 @@ def _write_checksums(staging: Path) -> None:
 class ReleaseOptions:
     """What a release records besides its inputs (set by the orchestrator)."""
 
-    dagster_run_id: str | None = None
+    run_id: str | None = None
     checks: dict[str, Any] = field(default_factory=dict)
     labels: pl.DataFrame | None = None  # evaluation-only labels (uid, label) shown in the report
     parent: dict[str, Any] | None = None
@@ -442,7 +442,7 @@ def _manifest(recipe: Recipe, recipe_file: str, sources: ReleaseSources, version
         "input_shards": _input_shards(frame, sources),
         "package_version": __version__,
         "git_commit": _git_commit(),
-        "dagster_run_id": options.dagster_run_id,
+        "run_id": options.run_id,
         "policies": selection.policies,
         "funnel": funnel,
         "selected": samples.num_rows,
@@ -618,7 +618,7 @@ def derive_release(parent_uri: str, exclude: list[str], releases_uri: str, s3: S
         storage.join(parent.uri, EXCLUDED), s3).decode().split() or [])
     exclusion = tuple(sorted(inherited | {uid.strip() for uid in exclude if uid.strip()}))
     lineage = {"release_id": parent.release_id, "uri": parent.uri, "samples_sha256": manifest["samples_sha256"]}
-    options = ReleaseOptions(dagster_run_id=options.dagster_run_id, checks=options.checks, labels=options.labels,
+    options = ReleaseOptions(run_id=options.run_id, checks=options.checks, labels=options.labels,
                              parent=lineage, exclude=exclusion, fail_before_publish=options.fail_before_publish)
     return create_release(recipe, sources, releases_uri, options, versions)
 

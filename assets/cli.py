@@ -1,0 +1,185 @@
+"""The main job's commands, ``curation-platform run`` and ``demo``: they drive Dagster, so they live with
+the code location and join the library's command group here (the console script's entry point)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from curation_platform.cli import (
+    DEFAULT_HOME,
+    TrainingBar,
+    build_demo_pool_into,
+    echo_funnel,
+    home_path,
+    main,
+    teacher_options,
+    teacher_spec,
+    training_options,
+    training_overrides,
+)
+
+DEMO_PROMPTS = ("a photo of a geometric shape", "a checkerboard or striped texture pattern")
+
+DEMO_SCORING = {"reference_size": 1000, "neg_clip_batch_size": 1024, "neg_clip_repeats": 10,
+                "prompts": list(DEMO_PROMPTS)}
+
+
+@main.command()
+@click.option("--home", default=None, help=f"Project home (default ./{DEFAULT_HOME}) [env CURATION_HOME].")
+@click.option("--shards", type=int, default=4, show_default=True, help="Shards in the demo pool.")
+@click.option("--samples-per-shard", type=int, default=500, show_default=True, help="Samples per demo shard.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Demo pool seed.")
+@click.option("--workers", type=int, default=min(4, os.cpu_count() or 1), show_default=True,
+              help="Worker processes for demo generation.")
+@click.option("--retrain-teacher", is_flag=True, help="Train the teacher again even if one is materialised.")
+def demo(home: str | None, shards: int, samples_per_shard: int, seed: int, workers: int,
+         retrain_teacher: bool) -> None:
+    """The main job on the embedded default: build the demo pool, then `run` on it.
+
+    The demo home gets the demo's scoring settings (``curation.json``, unless one is there) and
+    recipes; the teacher trains on the demo's clean reference split.
+    """
+    root = home_path(home)
+    started = time.perf_counter()
+    click.echo(f"project home: {root}")
+    demo_dir = root / "demo"
+    build_demo_pool_into(demo_dir, shards, samples_per_shard, seed, workers, reuse=True)
+    click.echo(f"demo pool in {demo_dir} ({time.perf_counter() - started:.1f} s)")
+    settings = root / "curation.json"
+    if not settings.exists():
+        settings.write_text(json.dumps({"scoring": DEMO_SCORING}, indent=2) + "\n")
+    elif json.loads(settings.read_text()).get("scoring") != DEMO_SCORING:
+        click.echo(f"using the settings in {settings} (not the demo's: delete it for those)")
+    _install_demo_recipes(root / "recipes")
+    _run_main_job(root, pool=str(demo_dir / "pool"), teacher={"train_on": str(demo_dir / "reference")},
+                  scoring={}, recipes=None, retrain_teacher=retrain_teacher, started=started)
+
+
+@main.command("run")
+@click.option("--pool", "pool_uri", required=True, help="The pool's shards (local folder or s3:// prefix).")
+@click.option("--home", default=None, help=f"Project home (default ./{DEFAULT_HOME}) [env CURATION_HOME].")
+@teacher_options
+@click.option("--train-on", default=None,
+              help="Trusted split (shards) the platform trains its teacher on; default: the pool itself.")
+@click.option("--min-recall", "min_recall_at_5", type=float, default=None,
+              help="Teacher quality bar: held-out R@5 each way (default 0.3).")
+@click.option("--teacher-gate", type=click.Choice(["block", "warn"]), default=None,
+              help="What a teacher below the bar does: block embedding (default) or only warn.")
+@training_options
+@click.option("--target", "target_uri", default=None, help="NormSim target images or shards (local or s3://).")
+@click.option("--prompt", "prompts", multiple=True, help="Domain prompt for importance weights (repeatable).")
+@click.option("--recipes", "recipes_dir", default=None, type=click.Path(file_okay=False),
+              help="Release recipes (default <home>/recipes).")
+@click.option("--retrain-teacher", is_flag=True, help="Train the teacher again even if one is materialised.")
+def run_command(pool_uri: str, home: str | None, teacher_checkpoint: str | None, arch: str | None,
+                pretrained: str | None, train_on: str | None, min_recall_at_5: float | None,
+                teacher_gate: str | None, epochs: int | None, precision: str, threads: int | None,
+                max_seconds: float | None, target_uri: str | None, prompts: tuple[str, ...],
+                recipes_dir: str | None, retrain_teacher: bool) -> None:
+    """The main job on your own pool: every shard through the whole asset graph, in this process.
+
+    Registers the pool's shards as partitions, then runs teacher (trained on --train-on, or the pool;
+    or --teacher / --arch --pretrained) and its quality gate, ingestion, embeddings, reference, target,
+    scores, statistics and one release per recipe, as Dagster runs with every data-quality check.
+    Settings in <home>/curation.json apply; options given here override them for this run and are
+    never written back.
+    """
+    if train_on and (teacher_checkpoint or pretrained):
+        raise click.UsageError("--train-on trains the platform's own teacher: leave out --teacher / --pretrained")
+    if teacher_checkpoint or pretrained:
+        teacher_spec(teacher_checkpoint, arch, pretrained)  # refuses a bad combination before anything runs
+    training = training_overrides(epochs, precision, threads, max_seconds)
+    given = {"checkpoint": teacher_checkpoint, "architecture": arch, "pretrained": pretrained, "train_on": train_on,
+             "min_recall_at_5": min_recall_at_5, "gate": teacher_gate,
+             "max_training_seconds": training.pop("max_seconds", None), **training}
+    teacher = {name: value for name, value in given.items() if value is not None}
+    scoring = {name: value for name, value in (("target_uri", target_uri), ("prompts", list(prompts) or None))
+               if value is not None}
+    _run_main_job(home_path(home), pool=pool_uri, teacher=teacher, scoring=scoring, recipes=recipes_dir,
+                  retrain_teacher=retrain_teacher, started=time.perf_counter())
+
+
+def _run_main_job(root: Path, *, pool: str, teacher: dict, scoring: dict, recipes: str | None,
+                  retrain_teacher: bool, started: float) -> None:
+    """``run`` and ``demo``: the graph in-process, one line per run, then releases and how to open the UI."""
+    from assets.local_run import instance_for, main_job_definitions, materialize_graph
+
+    defs = main_job_definitions(str(root), pool=pool, teacher=teacher, scoring=scoring, recipes=recipes,
+                                training_progress=TrainingBar())
+    instance = instance_for(root)
+    click.echo(f"running the asset graph in-process on {pool} (Dagster instance: {instance.root_directory})")
+    outcomes = materialize_graph(instance, defs, on_step=_print_step, retrain_teacher=retrain_teacher)
+    failed = [outcome for outcome in outcomes if not outcome.success]
+    click.echo(f"\ndone in {time.perf_counter() - started:.1f} s: {len(outcomes)} runs, {len(failed)} failed.")
+    gate = next((check for outcome in outcomes for name, check in outcome.checks.items()
+                 if name.endswith("teacher_beats_the_bar")), None)
+    if gate:
+        click.echo(f"teacher {'passed' if gate['passed'] else 'FAILED'} its quality gate: {gate['description']}")
+    statistics = next((o.materialized["score_statistics"] for o in outcomes if "score_statistics" in o.materialized),
+                      None)
+    if statistics:
+        click.echo(f"scores of {statistics['dagster/row_count']} samples; plots and summary in {root / 'analysis'}")
+    for outcome in outcomes:
+        for asset, metadata in outcome.materialized.items():
+            if asset.startswith("release_"):
+                _echo_release(metadata)
+    click.echo(f"\nNext: `{_ui_command(root, instance, defs)}` opens the asset graph with these runs.")
+    if failed:
+        click.echo(f"FAILED: {failed[0].error}", err=True)
+        sys.exit(1)
+
+
+def _ui_command(root: Path, instance, defs) -> str:
+    """``dagster dev`` with the environment that makes the code location see this run's settings."""
+    platform, teacher = defs.resources["platform"], defs.resources["teacher_config"]
+    env = {"DAGSTER_HOME": instance.root_directory, "CURATION_HOME": str(root), "CURATION_POOL": platform.pool,
+           "CURATION_TEACHER": teacher.checkpoint, "CURATION_TEACHER_ARCH": teacher.architecture,
+           "CURATION_TEACHER_PRETRAINED": teacher.pretrained, "CURATION_TEACHER_TRAIN_ON": teacher.train_on,
+           "CURATION_TARGET": defs.resources["scoring"].target_uri, "CURATION_RECIPES": platform.recipes_uri}
+    return " ".join(f"{name}={value}" for name, value in env.items() if value) + " dagster dev -w workspace.yaml"
+
+
+def _install_demo_recipes(folder: Path) -> None:
+    """Copy the packaged demo recipes into the home (an edited recipe of the same name is kept)."""
+    from importlib.resources import files
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for recipe in sorted(files("curation_platform.releases").joinpath("demo_recipes").iterdir(),
+                         key=lambda item: item.name):
+        target = folder / recipe.name
+        if recipe.name.endswith(".toml") and not target.exists():
+            target.write_text(recipe.read_text())
+
+
+def _echo_release(metadata: dict) -> None:
+    manifest = json.loads(Path(metadata["manifest"]).read_text())
+    click.echo(f"\nrelease {manifest['release_id']}: {manifest['selected']:,} of {manifest['pool_rows']:,} samples "
+               f"in {Path(metadata['manifest']).parent} (report: report/report.md)")
+    echo_funnel(manifest)
+
+
+STEP_FACTS = {  # what the main job prints per materialisation, when present
+    "teacher_id": "teacher {}", "i2t_recall_at_5": "held-out i2t R@5 {:.3f}", "dagster/row_count": "{} rows",
+    "pairs_per_second": "{:.0f} pairs/s", "reference_id": "{}", "target_id": "{}", "shards": "{} shards",
+}
+
+
+def _print_step(outcome) -> None:
+    where = f"[{outcome.partition}]" if outcome.partition else ""
+    facts = []
+    for asset, metadata in sorted(outcome.materialized.items()):
+        shown = [template.format(metadata[name]) for name, template in STEP_FACTS.items()
+                 if metadata.get(name) is not None and not (asset != "teacher" and name == "teacher_id")]
+        facts.append(f"{asset}: {', '.join(shown)}")
+    if outcome.failed_checks:
+        facts.append("failed blocking checks: " + ", ".join(outcome.failed_checks))
+    status = "ok" if outcome.success else "FAILED"
+    click.echo(f"  {status:6} {'+'.join(outcome.assets)}{where} ({outcome.seconds:.1f} s)  " + "; ".join(facts))
+    if outcome.error:
+        click.echo(f"         {outcome.error}")
