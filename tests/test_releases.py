@@ -215,3 +215,33 @@ def test_derive_excludes_exactly_the_listed_uids_and_records_lineage(tmp_path: P
     assert (diff["added"], diff["removed"]) == (0, 7)
     assert [item.version for item in list_releases(releases)] == [1, 2]
     assert json.loads((Path(child.uri) / "manifest.json").read_text())["exclusions"]["sha256"]
+
+
+def test_verify_fails_when_the_pinned_embeddings_version_is_gone(tmp_path: Path, sources: ReleaseSources) -> None:
+    import datetime as dt
+    import shutil
+
+    import lance
+
+    from curation_platform.embedding.sinks import EMBEDDINGS_TABLE
+
+    lance_copy = tmp_path / "lance"
+    shutil.copytree(sources.lance_uri, lance_copy)
+    copied = ReleaseSources(str(lance_copy), sources.validated_uri, sources.teacher_id, sources.pool_uri)
+    created = create_release(parse_recipe(NEGCLIP_NORMSIM), copied, str(tmp_path / "releases"))
+    pinned = created.manifest["lancedb_tables"][EMBEDDINGS_TABLE]["version"]
+    assert verify_release(created.uri).ok
+
+    # Someone drops the tags (this release's, and other tests' on the copied table), rewrites the table and
+    # cleans up old versions.
+    dataset = lance.dataset(str(lance_copy / f"{EMBEDDINGS_TABLE}.lance"))
+    assert f"release-{created.name}-{created.version}" in dataset.tags.list()
+    for tag in list(dataset.tags.list()):
+        dataset.tags.delete(tag)
+    dataset.delete("uid = 'no such uid'")
+    lance.write_dataset(dataset.to_table(), str(lance_copy / f"{EMBEDDINGS_TABLE}.lance"), mode="overwrite")
+    lance.dataset(str(lance_copy / f"{EMBEDDINGS_TABLE}.lance")).cleanup_old_versions(
+        older_than=dt.timedelta(0), delete_unverified=True)
+    result = verify_release(created.uri)
+    assert not result.ok and result.pins_missing == [f"{EMBEDDINGS_TABLE}@{pinned}"]
+    assert result.uids_identical is None  # nothing is re-derived from tables that are not the pinned ones

@@ -43,6 +43,7 @@ from curation_platform.scoring.pipeline import (
     score_filter,
     uid_sample_bound,
 )
+from curation_platform.embedding.sinks import EMBEDDINGS_TABLE, vectors
 from curation_platform.selection import SelectionResult, run_selection
 from curation_platform.storage import S3Settings
 
@@ -53,7 +54,7 @@ CHECKSUMS = "SHA256SUMS"
 EXCLUDED = "excluded_uids.txt"
 SAMPLE_COLUMNS = ("uid", "key", "shard", "shard_id", "caption", "language", "caption_words", "caption_chars",
                   "width", "height", "aspect_ratio", "image_offset", "image_bytes")
-TABLES = (SCORES_TABLE, REFERENCE_TABLE, TARGET_TABLE)
+TABLES = (SCORES_TABLE, REFERENCE_TABLE, TARGET_TABLE, EMBEDDINGS_TABLE)  # every table a release reads
 REPORT_READERS = 32  # concurrent reads of per-shard validation reports
 REPORT_MAX_ROWS = 2_000_000  # larger pools are drawn in the report from a uniform uid sample of this size
 
@@ -201,7 +202,7 @@ def _input_shards(frame: pl.DataFrame, sources: ReleaseSources) -> list[dict[str
 # -- selecting ----------------------------------------------------------------------------------
 
 def select(recipe: Recipe, frame: pl.DataFrame, sources: ReleaseSources, provenance: dict[str, Any],
-           embeddings_version: int | None = None) -> tuple[SelectionResult, pl.Series]:
+           embeddings_version: int | None) -> tuple[SelectionResult, pl.Series]:
     """Run the recipe on its :func:`selection_frame`; returns the selection and the final uids (after size
     bounds)."""
     if recipe.needs_target() and provenance["target_id"] is None:
@@ -221,10 +222,9 @@ def select(recipe: Recipe, frame: pl.DataFrame, sources: ReleaseSources, provena
 
 
 def _embedding_fetcher(sources: ReleaseSources, version: int | None) -> Callable[[pa.Array], np.ndarray]:
-    """uids -> image embeddings (NormSim-D), read from the pinned embeddings table version."""
+    """uids -> image embeddings (NormSim-D), read from the pinned embeddings table version (``None``
+    only for releases made before the embeddings table was pinned: then the current version)."""
     def fetch(uids: pa.Array) -> np.ndarray:
-        from curation_platform.embedding.sinks import EMBEDDINGS_TABLE, vectors
-
         table = lance_tables.connect(sources.lance_uri, sources.s3).open_table(EMBEDDINGS_TABLE)
         if version is not None:
             table.checkout(version)
@@ -394,7 +394,7 @@ def create_release(recipe: Recipe, sources: ReleaseSources, releases_uri: str,
     versions = versions or table_versions(sources)
     provenance = score_provenance(sources, versions)
     frame = selection_frame(recipe, sources, versions)
-    selection, uids = select(recipe, frame, sources, provenance, versions.get("embeddings"))
+    selection, uids = select(recipe, frame, sources, provenance, versions.get(EMBEDDINGS_TABLE))
     if options.exclude:
         uids = uids.filter(~uids.is_in(list(options.exclude)))
     version = _next_version(releases_uri, recipe.name, sources.s3)
@@ -559,10 +559,12 @@ class Verification:
     uids_identical: bool | None
     uids_added: int = 0
     uids_removed: int = 0
+    pins_missing: list[str] = field(default_factory=list)  # "table@version" the release read that are gone
 
     @property
     def ok(self) -> bool:
-        return not (self.mismatched or self.missing or self.unlisted) and self.uids_identical is not False
+        return (not (self.mismatched or self.missing or self.unlisted or self.pins_missing)
+                and self.uids_identical is not False)
 
 
 def verify_release(release_uri: str, s3: S3Settings | None = None, rederive: bool = True) -> Verification:
@@ -580,11 +582,29 @@ def verify_release(release_uri: str, s3: S3Settings | None = None, rederive: boo
     present = _files_under(release_uri, s3)
     unlisted = sorted(set(present) - set(listed) - {CHECKSUMS})
     same, added, removed = None, 0, 0
-    if rederive:
+    pins_missing = _missing_pins(release, s3) if rederive else []
+    if rederive and not pins_missing:
         stored = set(read_samples(release, s3)["uid"].to_list())
         derived = set(_rederive(release, s3))
         same, added, removed = stored == derived, len(stored - derived), len(derived - stored)
-    return Verification(release.release_id, len(listed), mismatched, missing, unlisted, same, added, removed)
+    return Verification(release.release_id, len(listed), mismatched, missing, unlisted, same, added, removed,
+                        pins_missing)
+
+
+def _missing_pins(release: Release, s3: S3Settings | None) -> list[str]:
+    """The pinned table versions that can no longer be read (a dropped table, a cleaned-up version)."""
+    manifest = release.manifest
+    database = lance_tables.connect(manifest["sources"]["lance_uri"], s3)
+    names = set(database.list_tables().tables)
+    missing = []
+    for name, entry in sorted(manifest["lancedb_tables"].items()):
+        try:
+            if name not in names:
+                raise ValueError(name)
+            database.open_table(name).checkout(entry["version"])
+        except (ValueError, OSError, RuntimeError):
+            missing.append(f"{name}@{entry['version']}")
+    return missing
 
 
 def _files_under(uri: str, s3: S3Settings | None) -> list[str]:
@@ -599,7 +619,7 @@ def _rederive(release: Release, s3: S3Settings | None) -> list[str]:
     sources = ReleaseSources(**manifest["sources"], s3=s3)
     versions = {name: entry["version"] for name, entry in manifest["lancedb_tables"].items()}
     frame = selection_frame(recipe, sources, versions)
-    _, uids = select(recipe, frame, sources, score_provenance(sources, versions), versions.get("embeddings"))
+    _, uids = select(recipe, frame, sources, score_provenance(sources, versions), versions.get(EMBEDDINGS_TABLE))
     excluded: set[str] = set()
     if manifest.get("exclusions"):
         excluded = set(storage.read_bytes(storage.join(release.uri, EXCLUDED), s3).decode().split())
