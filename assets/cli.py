@@ -108,7 +108,7 @@ def run_command(pool_uri: str, home: str | None, teacher_checkpoint: str | None,
 def _run_main_job(root: Path, *, pool: str, teacher: dict, scoring: dict, recipes: str | None,
                   retrain_teacher: bool, started: float) -> None:
     """``run`` and ``demo``: the graph in-process, one line per run, then releases and how to open the UI."""
-    from assets.local_run import instance_for, main_job_definitions, materialize_graph
+    from curation_platform_dagster.local_run import instance_for, main_job_definitions, materialize_graph
 
     defs = main_job_definitions(str(root), pool=pool, teacher=teacher, scoring=scoring, recipes=recipes,
                                 training_progress=TrainingBar())

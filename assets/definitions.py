@@ -1,4 +1,4 @@
-"""The code location: ``dagster dev -w workspace.yaml`` loads ``defs`` from here."""
+"""The code location: ``build_definitions`` wires the graph; ``defs`` is what Dagster's tools load."""
 
 import warnings
 
@@ -8,17 +8,17 @@ import dagster as dg
 # warning is raised when the asset modules below are imported.
 warnings.filterwarnings("ignore", category=dg.PreviewWarning)
 
-from assets.embeddings import embeddings, embeddings_meet_expectations
-from assets.ingestion import (
+from curation_platform_dagster.embeddings import embeddings, embeddings_meet_expectations
+from curation_platform_dagster.ingestion import (
     quarantine_rate_within_bound,
     samples_meet_expectations,
     shard_discovery_sensor,
     shard_reconciles,
     validated_samples,
 )
-from assets.releases import load_recipes, release_asset
-from assets.resources import PlatformResource, ScoringResource, TeacherResource, project_settings
-from assets.scoring import (
+from curation_platform_dagster.releases import load_recipes, release_asset
+from curation_platform_dagster.resources import PlatformResource, ScoringResource, TeacherResource, project_settings
+from curation_platform_dagster.scoring import (
     normsim_target,
     reference_sample,
     score_statistics,
@@ -26,7 +26,7 @@ from assets.scoring import (
     shard_scores,
     statistics_are_sane,
 )
-from assets.teachers import no_progress, teacher, teacher_gate
+from curation_platform_dagster.teachers import no_progress, teacher, teacher_gate
 
 automation_sensor = dg.AutomationConditionSensorDefinition(
     "curation_automation", target=dg.AssetSelection.all(), minimum_interval_seconds=30,
@@ -65,4 +65,8 @@ def build_definitions(settings: dict | None = None, resources: dict | None = Non
     )
 
 
-defs = build_definitions()
+@dg.definitions
+def defs() -> dg.Definitions:
+    """What ``dagster dev -w workspace.yaml`` and ``dagster ... -m curation_platform_dagster.definitions`` load:
+    built when a tool loads the location (reading the environment and ``curation.json`` then), not at import."""
+    return build_definitions()

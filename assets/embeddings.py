@@ -2,16 +2,16 @@
 
 import dagster as dg
 
-from assets.automation import per_shard
-from assets.ingestion import shard_partitions, validated_samples
-from assets.quality import check_result
-from assets.resources import PlatformResource, TeacherResource
-from assets.teachers import require_passed_gate, teacher
 from curation_platform.embedding.engine import embed_shard
 from curation_platform.embedding.sinks import LanceSink, embedding_schema
 from curation_platform.ingest import read_accepted
 from curation_platform.quality import embeddings_suite
 from curation_platform.teachers import load_teacher
+from curation_platform_dagster.automation import per_shard
+from curation_platform_dagster.ingestion import shard_partitions, validated_samples
+from curation_platform_dagster.quality import check_result
+from curation_platform_dagster.resources import PlatformResource, TeacherResource
+from curation_platform_dagster.teachers import require_passed_gate, teacher
 
 
 @dg.asset(

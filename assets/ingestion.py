@@ -5,11 +5,11 @@ import json
 import dagster as dg
 import pyarrow.parquet as pq
 
-from assets.quality import check_result
-from assets.resources import PlatformResource
 from curation_platform import storage
 from curation_platform.ingest import ingest_shard, make_executor, output_paths, write_ingestion
 from curation_platform.quality import quarantine_suite, validated_samples_suite
+from curation_platform_dagster.quality import check_result
+from curation_platform_dagster.resources import PlatformResource
 
 shard_partitions = dg.DynamicPartitionsDefinition(name="shards")
 

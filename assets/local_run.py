@@ -22,13 +22,13 @@ from pathlib import Path
 
 import dagster as dg
 
-from assets.definitions import build_definitions
-from assets.ingestion import shard_partitions
-from assets.resources import PlatformResource, ScoringResource, TeacherResource, project_settings
-from assets.teachers import TEACHER_GATE, no_progress
 from curation_platform import storage
 from curation_platform.processes import in_worker_import
 from curation_platform.teachers import CONFIG_FILE
+from curation_platform_dagster.definitions import build_definitions
+from curation_platform_dagster.ingestion import shard_partitions
+from curation_platform_dagster.resources import PlatformResource, ScoringResource, TeacherResource, project_settings
+from curation_platform_dagster.teachers import TEACHER_GATE, no_progress
 
 QUIET = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
 TEACHER = dg.AssetKey("teacher")

@@ -6,10 +6,10 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 
-from assets.resources import PlatformResource
-from assets.scoring import score_statistics, teacher_id_of
 from curation_platform import storage
 from curation_platform.releases import Recipe, ReleaseOptions, ReleaseSources, create_release, load_recipe
+from curation_platform_dagster.resources import PlatformResource
+from curation_platform_dagster.scoring import score_statistics, teacher_id_of
 
 RECIPE_SUFFIXES = (".toml", ".yaml", ".yml")
 

@@ -15,12 +15,6 @@ import dagster as dg
 import polars as pl
 import pyarrow.parquet as pq
 
-from assets.automation import on_statistics_cron, once_available, per_shard
-from assets.embeddings import embeddings
-from assets.ingestion import shard_partitions
-from assets.quality import check_result
-from assets.resources import PlatformResource, ScoringResource, TeacherResource
-from assets.teachers import teacher
 from curation_platform import storage
 from curation_platform.analysis import write_pool_analysis
 from curation_platform.embedding.engine import EmbedConfig
@@ -46,6 +40,12 @@ from curation_platform.scoring.run import (
     scoring_context,
 )
 from curation_platform.teachers import load_teacher
+from curation_platform_dagster.automation import on_statistics_cron, once_available, per_shard
+from curation_platform_dagster.embeddings import embeddings
+from curation_platform_dagster.ingestion import shard_partitions
+from curation_platform_dagster.quality import check_result
+from curation_platform_dagster.resources import PlatformResource, ScoringResource, TeacherResource
+from curation_platform_dagster.teachers import teacher
 
 ALL_SHARDS = dg.AllPartitionMapping()
 

@@ -120,8 +120,7 @@ def run_task(task: str, pool: dict[str, str], out: Path) -> dict:
     from curation_platform.analysis import write_pool_analysis
     from curation_platform.ingest import read_captions
     from curation_platform.releases import ReleaseSources, create_release, load_recipe
-    from curation_platform.scoring.pipeline import SCORE_COLUMNS
-    from curation_platform.scoring.pipeline import uid_sample_bound
+    from curation_platform.scoring.pipeline import SCORE_COLUMNS, uid_sample_bound
     from curation_platform.scoring.run import count_scores, read_scores
 
     baseline = _rss_mb()

@@ -13,8 +13,8 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import pyarrow.fs as pafs
 import polars as pl
+import pyarrow.fs as pafs
 import pytest
 
 from curation_platform.storage import S3Settings

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import dagster as dg
 
-from assets.definitions import build_definitions, defs
-from assets.ingestion import shard_discovery_sensor
-from assets.local_run import materialize_graph
-from assets.resources import PlatformResource, ScoringResource, TeacherResource
+from curation_platform_dagster.definitions import build_definitions, defs
+from curation_platform_dagster.ingestion import shard_discovery_sensor
+from curation_platform_dagster.local_run import materialize_graph
+from curation_platform_dagster.resources import PlatformResource, ScoringResource, TeacherResource
 from tests.test_embedding import tiny_teacher_dir
 
 PER_SHARD = ("validated_samples", "embeddings", "shard_scores")
@@ -21,10 +21,11 @@ RECIPE = 'name = "clip-top"\n[[stage]]\ntype = "top_fraction"\nscore = "clip_sco
 
 
 def test_definitions_validate() -> None:
-    dg.Definitions.validate_loadable(defs)
-    keys = {key.to_user_string() for key in defs.resolve_all_asset_keys()}
+    loaded = defs()  # built when loaded, not when the module is imported
+    dg.Definitions.validate_loadable(loaded)
+    keys = {key.to_user_string() for key in loaded.resolve_all_asset_keys()}
     assert set(PER_SHARD + GLOBAL) <= keys
-    checks = {key.name for key in defs.resolve_asset_graph().asset_check_keys}
+    checks = {key.name for key in loaded.resolve_asset_graph().asset_check_keys}
     assert {"shard_reconciles", "samples_meet_expectations", "embeddings_meet_expectations",
             "scores_meet_expectations", "statistics_are_sane", "quarantine_rate_within_bound"} <= checks
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from assets.definitions import build_definitions
-from assets.resources import PlatformResource
+from curation_platform_dagster.definitions import build_definitions
+from curation_platform_dagster.resources import PlatformResource
 from tests.conftest import stop_process_group
 
 ROOT = Path(__file__).resolve().parents[1]

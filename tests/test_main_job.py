@@ -12,10 +12,10 @@ import dagster as dg
 import pytest
 from click.testing import CliRunner
 
-from assets.local_run import instance_for
-from assets.teachers import TEACHER_GATE
-from assets.cli import main
 from curation_platform.demo import DemoPoolConfig, build_demo_pool
+from curation_platform_dagster.cli import main
+from curation_platform_dagster.local_run import instance_for
+from curation_platform_dagster.teachers import TEACHER_GATE
 
 SETTINGS = {"scoring": {"reference_size": 150, "neg_clip_batch_size": 64, "neg_clip_repeats": 2}}
 RECIPE = 'name = "clip-half"\n[[stage]]\ntype = "top_fraction"\nscore = "clip_score"\nfraction = 0.5\n'
@@ -88,7 +88,7 @@ def test_demo_teacher_passes_its_gate(tmp_path: Path, monkeypatch: pytest.Monkey
 UNGUARDED_SCRIPT = """
 import json
 from pathlib import Path
-from assets.local_run import instance_for, main_job_definitions, materialize_graph
+from curation_platform_dagster.local_run import instance_for, main_job_definitions, materialize_graph
 
 home = Path({home!r})
 defs = main_job_definitions(str(home), pool={pool!r}, teacher={{"checkpoint": {teacher!r}, "gate": "warn"}},
@@ -120,3 +120,25 @@ def test_a_script_without_a_main_guard_runs_the_job(other_pool: Path, tmp_path: 
     outcomes = json.loads(parent[0].removeprefix("OUTCOMES "))
     assert [step[1] for step in outcomes if step[0] == ["validated_samples", "embeddings"]] == ["00000", "00001"]
     assert all(success for _, _, success, _ in outcomes), outcomes
+
+
+def test_two_projects_in_one_process_without_environment_writes(tmp_path: Path) -> None:
+    from curation_platform_dagster.local_run import main_job_definitions
+
+    environment = dict(os.environ)
+    graphs = {}
+    for name, recipe in (("a", RECIPE), ("b", RECIPE.replace("clip-half", "clip-other"))):
+        (tmp_path / name / "recipes").mkdir(parents=True)
+        (tmp_path / name / "recipes" / "r.toml").write_text(recipe)
+        graphs[name] = main_job_definitions(str(tmp_path / name), pool=str(tmp_path / f"pool-{name}"),
+                                            teacher={"train_on": str(tmp_path / f"clean-{name}")})
+    assert dict(os.environ) == environment
+    for name, graph in graphs.items():
+        platform, teacher = graph.resources["platform"], graph.resources["teacher_config"]
+        assert (platform.home, platform.pool, platform.lancedb_uri) == (
+            str(tmp_path / name), str(tmp_path / f"pool-{name}"), str(tmp_path / name / "lancedb"))
+        assert teacher.trusted_split(platform) == str(tmp_path / f"clean-{name}")
+    releases = {name: {key.to_user_string() for key in graph.resolve_all_asset_keys()} - {
+        key.to_user_string() for key in graphs["a"].resolve_all_asset_keys() if not key.path[0].startswith("release_")}
+        for name, graph in graphs.items()}
+    assert releases == {"a": {"release_clip_half"}, "b": {"release_clip_other"}}

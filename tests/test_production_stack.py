@@ -257,7 +257,7 @@ def test_production_stack(tmp_path: Path, s3_server: S3Settings, demo_pool_dir: 
 
             # The teacher once, from the CLI, recorded in the same Postgres instance (in this process:
             # the daemon's runs below use the default multiprocess executor).
-            cli("asset", "materialize", "-m", "assets.definitions", "--select", "teacher", "--config-json", IN_PROCESS)
+            cli("asset", "materialize", "-m", "curation_platform_dagster.definitions", "--select", "teacher", "--config-json", IN_PROCESS)
             print(f"teacher after {time.monotonic() - started:.0f} s")
 
             def materialized(asset: str, keys: list[str]) -> bool:
@@ -329,19 +329,19 @@ def test_production_stack(tmp_path: Path, s3_server: S3Settings, demo_pool_dir: 
             print("killed run:", [entry.message for entry in failure])
             # The retry runs the asset with its blocking check: automation scores the shard only once the
             # check passed on the new materialisation (an op-selected `-o embeddings` retry would block it).
-            cli("asset", "materialize", "-m", "assets.definitions", "--select", "embeddings", "--partition", victim)
+            cli("asset", "materialize", "-m", "curation_platform_dagster.definitions", "--select", "embeddings", "--partition", victim)
             retry_run = instance.get_runs(filters=dg.RunsFilter(tags={"dagster/partition": victim}), limit=1)[0]
             assert retry_run.run_id != killed_run and retry_run.status == dg.DagsterRunStatus.SUCCESS
             assert materialized("embeddings", [victim])
             _wait(idle, 60, "runs to finish", run_summary)
 
             # The global artefacts, bootstrapped once (on_missing does not fire for what was missing at start).
-            cli("asset", "materialize", "-m", "assets.definitions", "--select", "reference_sample,normsim_target",
+            cli("asset", "materialize", "-m", "curation_platform_dagster.definitions", "--select", "reference_sample,normsim_target",
                 "--config-json", IN_PROCESS)
             _wait(lambda: materialized("shard_scores", keys), 200, "scores of every shard", run_summary)
             _wait(idle, 120, "the scoring runs (and their checks) to finish", run_summary)
             print(f"scored after {time.monotonic() - started:.0f} s")
-            cli("asset", "materialize", "-m", "assets.definitions", "--select", f"score_statistics,{RELEASE_ASSET}",
+            cli("asset", "materialize", "-m", "curation_platform_dagster.definitions", "--select", f"score_statistics,{RELEASE_ASSET}",
                 "--config-json", IN_PROCESS)
             _wait(idle, 90, "in-flight runs to finish", run_summary)
             seen.update(_descendants(daemon.pid))

@@ -9,6 +9,7 @@ import polars as pl
 import pyarrow as pa
 
 from curation_platform.embedding.sinks import LanceSink, record_batch
+from curation_platform.ingest import read_captions
 from curation_platform.scoring import clip_score, kl_divergence
 from curation_platform.scoring.pipeline import (
     REFERENCE_TABLE,
@@ -18,7 +19,6 @@ from curation_platform.scoring.pipeline import (
     prompt_column,
     uid_sample_bound,
 )
-from curation_platform.ingest import read_captions
 from curation_platform.scoring.run import (
     auroc,
     count_scores,

@@ -9,13 +9,13 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from assets.definitions import build_definitions
-from assets.ingestion import shard_partitions
-from assets.resources import PlatformResource, ScoringResource, TeacherResource
 from curation_platform.demo import DemoPoolConfig, build_demo_pool
 from curation_platform.teacher_quality import TeacherBar, evaluate_teacher, judge_teacher
 from curation_platform.teachers import TeacherSpec, load_teacher
 from curation_platform.training import RetrievalMetrics, train_teacher
+from curation_platform_dagster.definitions import build_definitions
+from curation_platform_dagster.ingestion import shard_partitions
+from curation_platform_dagster.resources import PlatformResource, ScoringResource, TeacherResource
 from tests.test_embedding import tiny_teacher_dir
 from tests.test_training import TINY
 

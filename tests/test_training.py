@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from curation_platform.demo import DemoPoolConfig, build_demo_pool
 from curation_platform import training
+from curation_platform.demo import DemoPoolConfig, build_demo_pool
 from curation_platform.precision import cpu_precision
 from curation_platform.teachers import CONFIG_FILE, Preprocessing, TeacherSpec, load_teacher
 from curation_platform.training import (

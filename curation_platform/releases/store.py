@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
 from curation_platform import __version__, lance_tables, storage
+from curation_platform.embedding.sinks import EMBEDDINGS_TABLE, vectors
 from curation_platform.releases.recipe import Recipe, RecipeError, parse_recipe
 from curation_platform.scoring.pipeline import (
     REFERENCE_TABLE,
@@ -43,7 +44,6 @@ from curation_platform.scoring.pipeline import (
     score_filter,
     uid_sample_bound,
 )
-from curation_platform.embedding.sinks import EMBEDDINGS_TABLE, vectors
 from curation_platform.selection import SelectionResult, run_selection
 from curation_platform.storage import S3Settings
 

@@ -132,7 +132,7 @@ resource "aws_ecs_task_definition" "webserver" {
 
   container_definitions = jsonencode([merge(local.container_common, {
     name             = "webserver"
-    command          = ["dagster-webserver", "-h", "0.0.0.0", "-p", tostring(local.webserver_port), "-m", "assets.definitions"]
+    command          = ["dagster-webserver", "-h", "0.0.0.0", "-p", tostring(local.webserver_port), "-m", "curation_platform_dagster.definitions"]
     environment      = local.env_list.cpu
     portMappings     = [{ name = "http", containerPort = local.webserver_port, protocol = "tcp" }]
     logConfiguration = local.log_configuration.webserver
@@ -170,7 +170,7 @@ resource "aws_ecs_task_definition" "daemon" {
 
   container_definitions = jsonencode([merge(local.container_common, {
     name             = "daemon"
-    command          = ["dagster-daemon", "run", "-m", "assets.definitions"]
+    command          = ["dagster-daemon", "run", "-m", "curation_platform_dagster.definitions"]
     environment      = local.env_list.cpu
     logConfiguration = local.log_configuration.daemon
     healthCheck = {
