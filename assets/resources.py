@@ -15,6 +15,7 @@ import dagster as dg
 
 from curation_platform import storage
 from curation_platform.embedding.engine import EmbedConfig
+from curation_platform.embedding.sinks import EMBEDDINGS_TABLE
 from curation_platform.pool import ChecksumCache, ShardRef, discover_shards
 from curation_platform.scoring.pipeline import ScoreParams
 from curation_platform.storage import S3Settings
@@ -160,14 +161,14 @@ class TeacherResource(dg.ConfigurableResource):
     epochs: int = TrainingConfig.epochs
     precision: str = TrainingConfig.precision
     threads: int = TrainingConfig.threads
-    max_training_seconds: float | None = None
+    max_training_seconds: float | None = TrainingConfig.max_seconds
     min_recall_at_5: float = TeacherBar.min_recall_at_5
     min_chance_multiple: float = TeacherBar.min_chance_multiple
     gate: str = "block"
-    device: str = "auto"
-    batch_size: int = 256
-    workers: int = 2
-    table: str = "embeddings"
+    device: str = EmbedConfig.device
+    batch_size: int = EmbedConfig.batch_size
+    workers: int = EmbedConfig.workers
+    table: str = EMBEDDINGS_TABLE
 
     def trusted_split(self, platform: PlatformResource) -> str:
         """Where the teacher learns (or, for a given teacher, is judged): see the class docstring."""
@@ -219,12 +220,12 @@ class ScoringResource(dg.ConfigurableResource):
     demo's target split under the home is used if present, else NormSim columns stay NaN.
     """
 
-    reference_size: int = 25_000
-    reference_seed: int = 0
-    neg_clip_batch_size: int = 32_768
-    neg_clip_repeats: int = 10
-    neg_clip_seed: int = 0
-    importance_scale: float = 10.0
+    reference_size: int = ScoreParams.reference_size
+    reference_seed: int = ScoreParams.reference_seed
+    neg_clip_batch_size: int = ScoreParams.neg_clip_batch_size
+    neg_clip_repeats: int = ScoreParams.neg_clip_repeats
+    neg_clip_seed: int = ScoreParams.neg_clip_seed
+    importance_scale: float = ScoreParams.importance_scale
     prompts: list[str] = []
     target_uri: str | None = None
     statistics_max_rows: int = 2_000_000  # larger pools are analysed on a uniform uid sample of this size

@@ -9,6 +9,7 @@ scores stale (their data versions change) and automation rescores them.
 import base64
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import dagster as dg
@@ -17,7 +18,6 @@ import pyarrow.parquet as pq
 
 from curation_platform import storage
 from curation_platform.analysis import write_pool_analysis
-from curation_platform.embedding.engine import EmbedConfig
 from curation_platform.ingest import read_captions
 from curation_platform.quality import scores_suite, statistics_suite
 from curation_platform.scoring.pipeline import (
@@ -97,8 +97,7 @@ def normsim_target(context: dg.AssetExecutionContext, platform: PlatformResource
         return dg.MaterializeResult(data_version=dg.DataVersion("none"), metadata={"target_id": None})
     config = teacher_config.embed_config()
     loaded = load_teacher(teacher_config.spec(platform), device=config.resolved_device(), s3=platform.s3)
-    target = embed_target(loaded, target_uri, EmbedConfig(device=config.device, batch_size=config.batch_size,
-                                                          workers=0), platform.s3)
+    target = embed_target(loaded, target_uri, replace(config, workers=0), platform.s3)
     version = save_set(platform.lancedb_uri, TARGET_TABLE, target, platform.s3)
     return dg.MaterializeResult(
         data_version=dg.DataVersion(target.set_id),
