@@ -22,7 +22,8 @@ import time
 WORKER = r"""
 import hashlib, json, sys, time
 import torch
-from curation_platform.training import PixelNormaliser, TrainingConfig, _optimizer, _train_step, create_model
+from curation_platform.embedding.loader import PixelNormaliser
+from curation_platform.training import TrainingConfig, _optimizer, _train_step, create_model
 from curation_platform.teachers import Preprocessing
 threads, precision, warmup, steps = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 torch.set_num_threads(threads)

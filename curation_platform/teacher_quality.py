@@ -19,10 +19,10 @@ from typing import Any
 import torch
 
 from curation_platform import storage
+from curation_platform.embedding.loader import PixelNormaliser
 from curation_platform.storage import S3Settings
 from curation_platform.teachers import CONFIG_FILE, Teacher, TeacherSpec
 from curation_platform.training import (
-    PixelNormaliser,
     RetrievalMetrics,
     held_out,
     load_reference,

@@ -35,7 +35,7 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
-from curation_platform.embedding.loader import ChunkDataset, ImagePreprocessor, plan_chunks
+from curation_platform.embedding.loader import ChunkDataset, ImagePreprocessor, PixelNormaliser, plan_chunks
 from curation_platform.ingest import ingest_shard
 from curation_platform.pool import discover_shards
 from curation_platform.precision import PRECISIONS, cpu_description, resolve_precision
@@ -346,17 +346,6 @@ def _tokenizer(config: ModelConfig) -> Any:
     from open_clip.tokenizer import SimpleTokenizer
 
     return SimpleTokenizer(context_length=config.context_length)
-
-
-class PixelNormaliser:
-    """uint8 -> model input with the embedding engine's arithmetic, so inputs match it bit for bit."""
-
-    def __init__(self, preprocessing: Preprocessing) -> None:
-        self.mean = torch.tensor(preprocessing.mean).view(1, 3, 1, 1) * 255
-        self.inv_std = 1 / (torch.tensor(preprocessing.std).view(1, 3, 1, 1) * 255)
-
-    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        return (pixels.float() - self.mean) * self.inv_std
 
 
 def fit(model: torch.nn.Module, train: ReferenceData, evaluation: ReferenceData, normalise: PixelNormaliser,

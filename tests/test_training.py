@@ -12,11 +12,11 @@ import torch
 
 from curation_platform import training
 from curation_platform.demo import DemoPoolConfig, build_demo_pool
+from curation_platform.embedding.loader import PixelNormaliser
 from curation_platform.precision import cpu_precision
 from curation_platform.teachers import CONFIG_FILE, Preprocessing, TeacherSpec, load_teacher
 from curation_platform.training import (
     ModelConfig,
-    PixelNormaliser,
     TrainingConfig,
     TrainingReport,
     TrainingTimeLimitExceeded,

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import torch
 
-from curation_platform.embedding.loader import ChunkDataset, ImagePreprocessor, plan_chunks
+from curation_platform.embedding.loader import ChunkDataset, ImagePreprocessor, PixelNormaliser, plan_chunks
 from curation_platform.embedding.sinks import CommitInfo, EmbeddingSink, record_batch
 from curation_platform.pool import ShardRef
 from curation_platform.processes import worker_context
@@ -141,9 +141,7 @@ class _BatchEncoder:
         self.device = device
         self.autocast = autocast
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        pre = teacher.preprocessing
-        self.mean = torch.tensor(pre.mean, device=device).view(1, 3, 1, 1) * 255
-        self.inv_std = 1 / (torch.tensor(pre.std, device=device).view(1, 3, 1, 1) * 255)
+        self.normalise = PixelNormaliser(teacher.preprocessing, device)
         self.dim = teacher.embed_dim
 
     def stage(self, chunk: dict) -> dict:
@@ -163,7 +161,7 @@ class _BatchEncoder:
                 chunk["tokens"].record_stream(compute)
         pixels = torch.cat([chunk["pixels"] for chunk in chunks])
         tokens = torch.cat([chunk["tokens"] for chunk in chunks])
-        pixels = (pixels.float() - self.mean) * self.inv_std
+        pixels = self.normalise(pixels)
         with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
             images = self.teacher.encode_images(pixels)
             texts = self.teacher.encode_texts(tokens)

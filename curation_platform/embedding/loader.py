@@ -57,6 +57,18 @@ class ImagePreprocessor:
         return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
 
 
+class PixelNormaliser:
+    """uint8 pixels (N, 3, S, S) -> the model's float input, ``(x - 255 mean) * (1 / (255 std))``: the one
+    arithmetic of the engine, teacher training and target folders, so their inputs agree bit for bit."""
+
+    def __init__(self, preprocessing: Preprocessing, device: str | torch.device = "cpu") -> None:
+        self.mean = torch.tensor(preprocessing.mean, device=device).view(1, 3, 1, 1) * 255
+        self.inv_std = 1 / (torch.tensor(preprocessing.std, device=device).view(1, 3, 1, 1) * 255)
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        return (pixels.float() - self.mean) * self.inv_std
+
+
 @dataclass(frozen=True)
 class Chunk:
     """Consecutive accepted samples of one tar: one ranged read covers them all."""

@@ -13,7 +13,7 @@ import torch
 
 from curation_platform import lance_tables
 from curation_platform.embedding.engine import EmbedConfig, embed_shards
-from curation_platform.embedding.loader import ImagePreprocessor
+from curation_platform.embedding.loader import ImagePreprocessor, PixelNormaliser
 from curation_platform.embedding.sinks import EMBEDDINGS_TABLE, MemorySink
 from curation_platform.ingest import ingest_shard
 from curation_platform.pool import discover_shards
@@ -62,8 +62,7 @@ def embed_target(teacher: Teacher, target_uri: str, config: EmbedConfig = EmbedC
 def _embed_image_folder(teacher: Teacher, folder: Path, batch_size: int) -> EmbeddingSet:
     """Every decodable image under ``folder`` (recursively); the uid is the sha256 of its bytes."""
     preprocess = ImagePreprocessor(teacher.preprocessing)
-    mean = torch.tensor(teacher.preprocessing.mean).view(1, 3, 1, 1) * 255
-    std = torch.tensor(teacher.preprocessing.std).view(1, 3, 1, 1) * 255
+    normalise = PixelNormaliser(teacher.preprocessing)
     uids: list[str] = []
     vectors: list[np.ndarray] = []
     paths = sorted(path for path in folder.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file())
@@ -77,7 +76,7 @@ def _embed_image_folder(teacher: Teacher, folder: Path, batch_size: int) -> Embe
                 continue
             names.append(hashlib.sha256(data).hexdigest()[:32])
         if pixels:
-            batch = (torch.from_numpy(np.stack(pixels)).float() - mean) / std
+            batch = normalise(torch.from_numpy(np.stack(pixels)))
             vectors.append(teacher.encode_images(batch.to(teacher.device)).cpu().numpy())
             uids.extend(names)
     if not uids:
