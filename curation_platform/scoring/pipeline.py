@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -23,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import torch
 
 from curation_platform import lance_tables
 from curation_platform.embedding.sinks import vectors
@@ -211,17 +211,17 @@ def score_rows(embeddings: pa.Table, context: ScoringContext) -> pa.Table:
     columns["neg_clip_loss"] = scores.neg_clip_loss(
         image, text, a, batch_size=params.neg_clip_batch_size, repeats=params.neg_clip_repeats,
         seed=params.neg_clip_seed, reference=(ref.image, ref.text), chunk=chunk)
+    # One pass over the reference per direction gives both D_KL, D_KLR and the log ratio (scores.LogitStats).
     image_vs_text = scores.logit_stats(image, ref.text, a, chunk)
     text_vs_image = scores.logit_stats(text, ref.image, a, chunk)
-    log_n = math.log(ref.size)
-    diagonal = np.asarray(columns["clip_score"]) * a
+    diagonal = torch.from_numpy(np.asarray(columns["clip_score"]) * a)
     columns |= {
-        "log_ratio_t_given_i": diagonal - (image_vs_text.logsumexp.numpy() - log_n),
-        "log_ratio_i_given_t": diagonal - (text_vs_image.logsumexp.numpy() - log_n),
-        "kl_image": (image_vs_text.softmax_mean - image_vs_text.logsumexp + log_n).numpy(),
-        "kl_text": (text_vs_image.softmax_mean - text_vs_image.logsumexp + log_n).numpy(),
-        "klr_image": (image_vs_text.logsumexp - log_n - image_vs_text.mean).numpy(),
-        "klr_text": (text_vs_image.logsumexp - log_n - text_vs_image.mean).numpy(),
+        "log_ratio_t_given_i": image_vs_text.log_ratio(diagonal).numpy(),
+        "log_ratio_i_given_t": text_vs_image.log_ratio(diagonal).numpy(),
+        "kl_image": image_vs_text.kl().numpy(),
+        "kl_text": text_vs_image.kl().numpy(),
+        "klr_image": image_vs_text.kl_reverse().numpy(),
+        "klr_text": text_vs_image.kl_reverse().numpy(),
         "whitened_kl": scores.whitened_kl(image, context.whitening, a, chunk),
         "norm_sim_2": scores.norm_sim_2(image, context.target_stats) if context.target_stats else nan,
         "norm_sim_inf": scores.norm_sim_inf(image, context.target.image, chunk) if context.target else nan,

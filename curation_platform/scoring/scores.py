@@ -56,6 +56,18 @@ class LogitStats:
     mean: torch.Tensor
     count: int
 
+    def kl(self) -> torch.Tensor:
+        """``D_KL = sum_j p_j z_j - (logsumexp_j z_j - log N)`` (nats, in [0, log N]), SCORES.md section 5."""
+        return self.softmax_mean - self.logsumexp + math.log(self.count)
+
+    def kl_reverse(self) -> torch.Tensor:
+        """``D_KLR = logsumexp_j z_j - log N - mean_j z_j`` (nats, >= 0)."""
+        return self.logsumexp - math.log(self.count) - self.mean
+
+    def log_ratio(self, self_logit: torch.Tensor) -> torch.Tensor:
+        """``z_self - (logsumexp_j z_j - log N)``: the pointwise mutual information estimate (nats), section 4."""
+        return self_logit - (self.logsumexp - math.log(self.count))
+
 
 def logit_stats(query: Array, reference: Array, scale: float, chunk: int = DEFAULT_CHUNK) -> LogitStats:
     """One pass over the reference in chunks; running max / sums in float64 (no N x N matrix)."""
@@ -108,11 +120,9 @@ def log_density_ratio(
     self_logit = (u * v).sum(dim=1, dtype=torch.float64) * a
     result: dict[str, Array] = {}
     if reference_text is not None:
-        stats = logit_stats(u, reference_text, a, chunk)
-        result["log_ratio_t_given_i"] = _like(self_logit - (stats.logsumexp - math.log(stats.count)), image)
+        result["log_ratio_t_given_i"] = _like(logit_stats(u, reference_text, a, chunk).log_ratio(self_logit), image)
     if reference_image is not None:
-        stats = logit_stats(v, reference_image, a, chunk)
-        result["log_ratio_i_given_t"] = _like(self_logit - (stats.logsumexp - math.log(stats.count)), image)
+        result["log_ratio_i_given_t"] = _like(logit_stats(v, reference_image, a, chunk).log_ratio(self_logit), image)
     if not result:
         raise ValueError("give reference_text, reference_image or both")
     return result
@@ -125,14 +135,12 @@ def kl_divergence(query: Array, reference: Array, scale: float, chunk: int = DEF
 
     Query one modality against the reference of the other (image -> text reference: D_KL(i)).
     """
-    stats = logit_stats(query, reference, scale, chunk)
-    return _like(stats.softmax_mean - stats.logsumexp + math.log(stats.count), query)
+    return _like(logit_stats(query, reference, scale, chunk).kl(), query)
 
 
 def kl_divergence_reverse(query: Array, reference: Array, scale: float, chunk: int = DEFAULT_CHUNK) -> Array:
     """``D_KLR(q) = logsumexp_j z_j - log N - mean_j z_j`` (nats, >= 0)."""
-    stats = logit_stats(query, reference, scale, chunk)
-    return _like(stats.logsumexp - math.log(stats.count) - stats.mean, query)
+    return _like(logit_stats(query, reference, scale, chunk).kl_reverse(), query)
 
 
 @dataclass(frozen=True)
