@@ -154,10 +154,9 @@ def _teacher_is_current(instance: dg.DagsterInstance, platform: PlatformResource
     if event is None or event.asset_materialization is None or not teacher_config.trains_its_own:
         return False
     metadata = {name: value.value for name, value in event.asset_materialization.metadata.items()}
-    asked = teacher_config.training_config().resolved().to_dict()
+    asked = json.loads(json.dumps(teacher_config.training_config().resolved().to_dict()))  # as the metadata holds it
     return (metadata.get("train_on") == teacher_config.trusted_split(platform)
-            and json.dumps(metadata.get("training_config"), sort_keys=True) == json.dumps(asked, sort_keys=True,
-                                                                                         default=list)
+            and metadata.get("training_config") == asked
             and storage.exists(storage.join(platform.trained_teacher_uri, CONFIG_FILE), platform.s3))
 
 
