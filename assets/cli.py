@@ -11,18 +11,19 @@ from pathlib import Path
 
 import click
 
-from curation_platform.cli import (
-    DEFAULT_HOME,
+from curation_platform import storage
+from curation_platform.cli import main
+from curation_platform.cli.group import HOME_HELP, project_layout
+from curation_platform.cli.pool import build_demo_pool_into
+from curation_platform.cli.releases import echo_funnel
+from curation_platform.cli.teachers import (
     TrainingBar,
-    build_demo_pool_into,
-    echo_funnel,
-    home_path,
-    main,
     teacher_options,
     teacher_spec,
     training_options,
     training_overrides,
 )
+from curation_platform.layout import ProjectLayout
 
 DEMO_PROMPTS = ("a photo of a geometric shape", "a checkerboard or striped texture pattern")
 
@@ -31,7 +32,7 @@ DEMO_SCORING = {"reference_size": 1000, "neg_clip_batch_size": 1024, "neg_clip_r
 
 
 @main.command()
-@click.option("--home", default=None, help=f"Project home (default ./{DEFAULT_HOME}) [env CURATION_HOME].")
+@click.option("--home", default=None, help=HOME_HELP)
 @click.option("--shards", type=int, default=4, show_default=True, help="Shards in the demo pool.")
 @click.option("--samples-per-shard", type=int, default=500, show_default=True, help="Samples per demo shard.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Demo pool seed.")
@@ -45,25 +46,26 @@ def demo(home: str | None, shards: int, samples_per_shard: int, seed: int, worke
     The demo home gets the demo's scoring settings (``curation.json``, unless one is there) and
     recipes; the teacher trains on the demo's clean reference split.
     """
-    root = home_path(home)
+    layout = project_layout(home)
+    if storage.is_s3(layout.home):
+        raise click.UsageError("the demo builds its pool on local disk: give a local --home")
     started = time.perf_counter()
-    click.echo(f"project home: {root}")
-    demo_dir = root / "demo"
-    build_demo_pool_into(demo_dir, shards, samples_per_shard, seed, workers, reuse=True)
-    click.echo(f"demo pool in {demo_dir} ({time.perf_counter() - started:.1f} s)")
-    settings = root / "curation.json"
+    click.echo(f"project home: {layout.home}")
+    build_demo_pool_into(Path(layout.demo), shards, samples_per_shard, seed, workers, reuse=True)
+    click.echo(f"demo pool in {layout.demo} ({time.perf_counter() - started:.1f} s)")
+    settings = Path(layout.settings_file)
     if not settings.exists():
         settings.write_text(json.dumps({"scoring": DEMO_SCORING}, indent=2) + "\n")
-    elif json.loads(settings.read_text()).get("scoring") != DEMO_SCORING:
+    elif layout.settings().get("scoring") != DEMO_SCORING:
         click.echo(f"using the settings in {settings} (not the demo's: delete it for those)")
-    _install_demo_recipes(root / "recipes")
-    _run_main_job(root, pool=str(demo_dir / "pool"), teacher={"train_on": str(demo_dir / "reference")},
+    _install_demo_recipes(layout.recipes)
+    _run_main_job(layout, pool=layout.demo_split("pool"), teacher={"train_on": layout.demo_split("reference")},
                   scoring={}, recipes=None, retrain_teacher=retrain_teacher, started=started)
 
 
 @main.command("run")
 @click.option("--pool", "pool_uri", required=True, help="The pool's shards (local folder or s3:// prefix).")
-@click.option("--home", default=None, help=f"Project home (default ./{DEFAULT_HOME}) [env CURATION_HOME].")
+@click.option("--home", default=None, help=HOME_HELP)
 @teacher_options
 @click.option("--train-on", default=None,
               help="Trusted split (shards) the platform trains its teacher on; default: the pool itself.")
@@ -101,18 +103,18 @@ def run_command(pool_uri: str, home: str | None, teacher_checkpoint: str | None,
     teacher = {name: value for name, value in given.items() if value is not None}
     scoring = {name: value for name, value in (("target_uri", target_uri), ("prompts", list(prompts) or None))
                if value is not None}
-    _run_main_job(home_path(home), pool=pool_uri, teacher=teacher, scoring=scoring, recipes=recipes_dir,
+    _run_main_job(project_layout(home), pool=pool_uri, teacher=teacher, scoring=scoring, recipes=recipes_dir,
                   retrain_teacher=retrain_teacher, started=time.perf_counter())
 
 
-def _run_main_job(root: Path, *, pool: str, teacher: dict, scoring: dict, recipes: str | None,
+def _run_main_job(layout: ProjectLayout, *, pool: str, teacher: dict, scoring: dict, recipes: str | None,
                   retrain_teacher: bool, started: float) -> None:
     """``run`` and ``demo``: the graph in-process, one line per run, then releases and how to open the UI."""
     from curation_platform_dagster.local_run import instance_for, main_job_definitions, materialize_graph
 
-    defs = main_job_definitions(str(root), pool=pool, teacher=teacher, scoring=scoring, recipes=recipes,
+    defs = main_job_definitions(layout.home, pool=pool, teacher=teacher, scoring=scoring, recipes=recipes,
                                 training_progress=TrainingBar())
-    instance = instance_for(root)
+    instance = instance_for(layout)
     click.echo(f"running the asset graph in-process on {pool} (Dagster instance: {instance.root_directory})")
     outcomes = materialize_graph(instance, defs, on_step=_print_step, retrain_teacher=retrain_teacher)
     failed = [outcome for outcome in outcomes if not outcome.success]
@@ -124,21 +126,21 @@ def _run_main_job(root: Path, *, pool: str, teacher: dict, scoring: dict, recipe
     statistics = next((o.materialized["score_statistics"] for o in outcomes if "score_statistics" in o.materialized),
                       None)
     if statistics:
-        click.echo(f"scores of {statistics['dagster/row_count']} samples; plots and summary in {root / 'analysis'}")
+        click.echo(f"scores of {statistics['dagster/row_count']} samples; plots and summary in {layout.analysis}")
     for outcome in outcomes:
         for asset, metadata in outcome.materialized.items():
             if asset.startswith("release_"):
                 _echo_release(metadata)
-    click.echo(f"\nNext: `{_ui_command(root, instance, defs)}` opens the asset graph with these runs.")
+    click.echo(f"\nNext: `{_ui_command(layout, instance, defs)}` opens the asset graph with these runs.")
     if failed:
         click.echo(f"FAILED: {failed[0].error}", err=True)
         sys.exit(1)
 
 
-def _ui_command(root: Path, instance, defs) -> str:
+def _ui_command(layout: ProjectLayout, instance, defs) -> str:
     """``dagster dev`` with the environment that makes the code location see this run's settings."""
     platform, teacher = defs.resources["platform"], defs.resources["teacher_config"]
-    env = {"DAGSTER_HOME": instance.root_directory, "CURATION_HOME": str(root), "CURATION_POOL": platform.pool,
+    env = {"DAGSTER_HOME": instance.root_directory, "CURATION_HOME": layout.home, "CURATION_POOL": platform.pool,
            "CURATION_TEACHER": teacher.checkpoint, "CURATION_TEACHER_ARCH": teacher.architecture,
            "CURATION_TEACHER_PRETRAINED": teacher.pretrained, "CURATION_TEACHER_TRAIN_ON": teacher.train_on,
            "CURATION_TARGET": defs.resources["scoring"].target_uri, "CURATION_RECIPES": platform.recipes_uri}

@@ -4,21 +4,24 @@ import warnings
 
 import dagster as dg
 
+from curation_platform.layout import ProjectLayout
+from curation_platform.storage import S3Settings
+
 # Partitioned asset checks are "preview" in dagster 1.13 and the per-shard checks rely on them; the
 # warning is raised when the asset modules below are imported.
 warnings.filterwarnings("ignore", category=dg.PreviewWarning)
 
-from curation_platform_dagster.embeddings import embeddings, embeddings_meet_expectations
-from curation_platform_dagster.ingestion import (
+from curation_platform_dagster.defs.embeddings import embeddings, embeddings_meet_expectations
+from curation_platform_dagster.defs.ingestion import (
     quarantine_rate_within_bound,
     samples_meet_expectations,
     shard_discovery_sensor,
     shard_reconciles,
     validated_samples,
 )
-from curation_platform_dagster.releases import load_recipes, release_asset
-from curation_platform_dagster.resources import PlatformResource, ScoringResource, TeacherResource, project_settings
-from curation_platform_dagster.scoring import (
+from curation_platform_dagster.defs.releases import load_recipes, release_asset
+from curation_platform_dagster.defs.resources import PlatformResource, ScoringResource, TeacherResource
+from curation_platform_dagster.defs.scoring import (
     normsim_target,
     reference_sample,
     score_statistics,
@@ -26,7 +29,7 @@ from curation_platform_dagster.scoring import (
     shard_scores,
     statistics_are_sane,
 )
-from curation_platform_dagster.teachers import no_progress, teacher, teacher_gate
+from curation_platform_dagster.defs.teachers import no_progress, teacher, teacher_gate
 
 automation_sensor = dg.AutomationConditionSensorDefinition(
     "curation_automation", target=dg.AssetSelection.all(), minimum_interval_seconds=30,
@@ -43,7 +46,7 @@ shard_pipeline = dg.define_asset_job(
 def build_definitions(settings: dict | None = None, resources: dict | None = None) -> dg.Definitions:
     """The whole graph; ``settings`` (default: the home's ``curation.json``) seeds the teacher and scoring
     resources, ``resources`` replaces resources by key (tests, the main job, embedding the location elsewhere)."""
-    settings = project_settings() if settings is None else settings
+    settings = ProjectLayout.resolve().settings(S3Settings.from_env()) if settings is None else settings
     resources = {
         "platform": PlatformResource(),
         "teacher_config": TeacherResource(**settings.get("teacher", {})),

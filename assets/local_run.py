@@ -23,15 +23,18 @@ from pathlib import Path
 import dagster as dg
 
 from curation_platform import storage
+from curation_platform.layout import ProjectLayout
 from curation_platform.processes import in_worker_import
+from curation_platform.storage import S3Settings
 from curation_platform.teachers import CONFIG_FILE
 from curation_platform_dagster.definitions import build_definitions
-from curation_platform_dagster.ingestion import shard_partitions
-from curation_platform_dagster.resources import PlatformResource, ScoringResource, TeacherResource, project_settings
-from curation_platform_dagster.teachers import TEACHER_GATE, no_progress
+from curation_platform_dagster.defs.ingestion import shard_partitions
+from curation_platform_dagster.defs.resources import PlatformResource, ScoringResource, TeacherResource
+from curation_platform_dagster.defs.teachers import TEACHER_GATE, no_progress
 
 QUIET = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
 TEACHER = dg.AssetKey("teacher")
+INSTANCE_FOLDER = "dagster"  # under the project home, unless $DAGSTER_HOME says otherwise
 
 
 @dataclass
@@ -46,9 +49,10 @@ class StepOutcome:
     error: str | None = None  # the first error of the run, or the first failed blocking check's reason
 
 
-def instance_for(home: Path) -> dg.DagsterInstance:
+def instance_for(home: ProjectLayout | str | Path) -> dg.DagsterInstance:
     """The persistent instance of the project: ``$DAGSTER_HOME``, else ``<home>/dagster`` (SQLite)."""
-    dagster_home = Path(os.environ.get("DAGSTER_HOME") or home / "dagster")
+    layout = home if isinstance(home, ProjectLayout) else ProjectLayout.resolve(str(home))
+    dagster_home = Path(os.environ.get("DAGSTER_HOME") or layout.tool_home(INSTANCE_FOLDER))
     dagster_home.mkdir(parents=True, exist_ok=True)
     config = dagster_home / "dagster.yaml"
     if not config.exists():  # the embedded default: SQLite storage in this folder, nothing phoned home
@@ -61,7 +65,7 @@ def main_job_definitions(home: str, *, pool: str | None = None, teacher: dict | 
                          training_progress: Callable[[dict], None] | None = None) -> dg.Definitions:
     """The graph for one pool: ``teacher`` and ``scoring`` override the home's ``curation.json``
     sections field by field (``TeacherResource`` / ``ScoringResource`` fields)."""
-    settings = project_settings(home)
+    settings = ProjectLayout.resolve(home).settings(S3Settings.from_env())
     resources = {
         "platform": PlatformResource(home_uri=home, pool_uri=pool, recipes_uri=recipes),
         "teacher_config": TeacherResource(**(settings.get("teacher", {}) | (teacher or {}))),

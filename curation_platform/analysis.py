@@ -188,7 +188,10 @@ def _save(figure: Figure, path: str | Path) -> Path:
     return path
 
 
-def _grid(panels: int, columns: int = 3, size: tuple[float, float] = (4.0, 3.0)) -> tuple[Figure, list]:
+def panel_grid(panels: int, columns: int = 3, size: tuple[float, float] = (4.0, 3.0)) -> tuple[Figure, list]:
+    """A constrained-layout figure of ``panels`` axes, ``columns`` to a row, each ``size`` inches (width,
+    height), the unused cells of the last row hidden: the figure and its ``panels`` axes in row order
+    (none, over one hidden cell, for ``panels = 0``). The plots here and the release report share it."""
     cols = min(columns, max(1, panels))
     rows = math.ceil(max(1, panels) / cols)
     figure = Figure(figsize=(size[0] * cols, size[1] * rows), layout="constrained")
@@ -201,7 +204,7 @@ def _grid(panels: int, columns: int = 3, size: tuple[float, float] = (4.0, 3.0))
 def plot_histograms(histograms: pl.DataFrame, path: str | Path, cutoffs: Mapping[str, float] | None = None) -> Path:
     """One panel per score (output of :func:`score_histograms`), a dashed line at each selection cutoff."""
     columns = histograms["column"].unique(maintain_order=True).to_list()
-    figure, axes = _grid(len(columns))
+    figure, axes = panel_grid(len(columns))
     for axis, column in zip(axes, columns):
         part = histograms.filter(pl.col("column") == column).sort("bin")
         edges = np.append(part["lower"].to_numpy(), part["upper"][-1])
@@ -216,7 +219,7 @@ def plot_histograms(histograms: pl.DataFrame, path: str | Path, cutoffs: Mapping
 def plot_kl_decile_coverage(coverage: pl.DataFrame, path: str | Path) -> Path:
     """Coverage@K against KL decile, one panel per n (output of :func:`kl_decile_ngram_coverage`)."""
     orders = sorted(coverage["n"].unique().to_list())
-    figure, axes = _grid(len(orders))
+    figure, axes = panel_grid(len(orders))
     for axis, n in zip(axes, orders):
         part = coverage.filter(pl.col("n") == n)
         for k in sorted(part["k"].unique().to_list()):
@@ -230,7 +233,8 @@ def plot_kl_decile_coverage(coverage: pl.DataFrame, path: str | Path) -> Path:
 
 def plot_correlations(correlations: Correlations, path: str | Path) -> Path:
     """Pearson and Spearman heatmaps side by side, values printed in the cells."""
-    figure, axes = _grid(2, size=(0.6 * correlations.pearson.height + 3.0, 0.6 * correlations.pearson.height + 2.5))
+    side = 0.6 * correlations.pearson.height
+    figure, axes = panel_grid(2, size=(side + 3.0, side + 2.5))
     for axis, (title, matrix) in zip(axes, (("Pearson", correlations.pearson), ("Spearman", correlations.spearman))):
         names = matrix["column"].to_list()
         values = matrix.select(names).to_numpy()

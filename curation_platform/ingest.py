@@ -27,7 +27,8 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from curation_platform import storage
-from curation_platform.pool import ShardRef, partition_key_for
+from curation_platform.layout import ShardOutputs
+from curation_platform.pool import ShardRef
 from curation_platform.processes import worker_context
 from curation_platform.reasons import Reason
 from curation_platform.shard_reader import TarReadSummary, TarSample, UnsafeEntry, iter_tar_samples
@@ -163,51 +164,98 @@ def make_executor(workers: int) -> ProcessPoolExecutor | None:
     return ProcessPoolExecutor(max_workers=workers, mp_context=worker_context())
 
 
-def ingest_shard(
-    shard: ShardRef,
-    *,
-    s3: S3Settings | None = None,
-    limits: ValidationLimits = ValidationLimits(),
-    executor: Executor | None = None,
-    batch_size: int = 64,
-    batches_in_flight: int = 4,
-) -> ShardIngestion:
-    """Validate one shard; ``executor`` (see :func:`make_executor`) parallelises decoding.
+class ShardIngester:
+    """Validates one shard: indexes its parquet, streams its tar, fans content checks out to
+    ``executor`` in bounded batches (at most ``batches_in_flight`` of ``batch_size`` samples), and
+    accounts for every sample either shard file mentions."""
 
-    At most ``batches_in_flight`` batches of ``batch_size`` samples wait on the workers.
-    """
-    started = time.perf_counter()
-    rows = _Rows()
-    errors: list[str] = []
-    reasons: Counter[str] = Counter()
+    def __init__(self, shard: ShardRef, *, s3: S3Settings | None = None, limits: ValidationLimits = ValidationLimits(),
+                 executor: Executor | None = None, batch_size: int = 64, batches_in_flight: int = 4) -> None:
+        self.shard, self.s3, self.limits, self.executor = shard, s3, limits, executor
+        self.batch_size, self.batches_in_flight = batch_size, batches_in_flight
+        self.rows = _Rows()
+        self.errors: list[str] = []
+        self.base = {"shard": shard.name, "shard_id": shard.shard_id}
+        self.by_key: dict[str, dict[str, Any]] = {}
+        self.seen_keys: set[str] = set()
+        self.seen_uids: set[str] = set()
+        self.batch: list[tuple[int, bytes | None, bytes | None]] = []
+        self.pending: dict[int, dict[str, Any]] = {}
+        self.in_flight: deque[Future] = deque()
+        self.summary = TarReadSummary()
+        self.tar_samples = self.ignored_members = 0
 
-    parquet_rows, parquet_error = _read_parquet_rows(shard, s3)
-    if parquet_error:
-        errors.append(parquet_error)
-    by_key: dict[str, dict[str, Any]] = {}
-    seen_uids: set[str] = set()
-    seen_keys: set[str] = set()
-    base = {"shard": shard.name, "shard_id": shard.shard_id}
+    def run(self) -> ShardIngestion:
+        started = time.perf_counter()
+        parquet_rows, parquet_error = _read_parquet_rows(self.shard, self.s3)
+        if parquet_error:
+            self.errors.append(parquet_error)
+        self._index_parquet(parquet_rows or [])
+        if self.shard.tar is None:
+            self.errors.append("shard has no tar file")
+        else:
+            self._read_tar(parquet_rows is not None, parquet_error)
+        self._account_unmatched_parquet_rows()
+        return self._result(parquet_rows, time.perf_counter() - started)
 
-    for row in parquet_rows or []:
-        key = str(row.get("key") or "")
-        if key in by_key or not key:
-            seq = rows.seq()
-            uid = derive_uid(shard.name, f"parquet-row:{seq}:{key}")
-            detail = "parquet row without key" if not key else "key appears twice in the parquet"
-            rows.reject(seq, {**base, "uid": uid, "key": key}, Reason.DUPLICATE_KEY, detail, [])
-            continue
-        by_key[key] = row
+    def _reject(self, seq: int, uid: str, key: str, reason: Reason, detail: str, members: list[str]) -> None:
+        self.rows.reject(seq, {**self.base, "uid": uid, "key": key}, reason, detail, members)
 
-    in_flight: deque[Future] = deque()
-    batch: list[tuple[int, bytes | None, bytes | None]] = []
-    pending: dict[int, dict[str, Any]] = {}
+    def _index_parquet(self, parquet_rows: list[dict[str, Any]]) -> None:
+        """Parquet rows by key; a keyless or repeated row is quarantined on its own."""
+        for row in parquet_rows:
+            key = str(row.get("key") or "")
+            if key in self.by_key or not key:
+                seq = self.rows.seq()
+                detail = "parquet row without key" if not key else "key appears twice in the parquet"
+                self._reject(seq, derive_uid(self.shard.name, f"parquet-row:{seq}:{key}"), key, Reason.DUPLICATE_KEY,
+                             detail, [])
+                continue
+            self.by_key[key] = row
 
-    def collect(results: list[tuple[int, ContentOk | ContentRejected]]) -> None:
+    def _read_tar(self, has_parquet: bool, parquet_error: str | None) -> None:
+        with storage.open_input(self.shard.tar.uri, self.s3) as stream:
+            for item in iter_tar_samples(stream, self.summary, self.limits):
+                seq = self.rows.seq()
+                if isinstance(item, UnsafeEntry):
+                    self._reject(seq, derive_uid(self.shard.name, f"member:{item.name}"), item.name, item.reason,
+                                 item.detail, [item.name])
+                    continue
+                self.tar_samples += 1
+                self.ignored_members += item.ignored_members
+                sample = _identify(item, self.by_key, has_parquet, parquet_error, self.shard, self.seen_keys,
+                                   self.seen_uids)
+                if isinstance(sample, tuple):
+                    reason, detail, uid = sample
+                    self._reject(seq, uid, item.key, reason, detail, item.member_names)
+                    continue
+                self.pending[seq] = {**self.base, **sample}
+                self.batch.append((seq, item.payloads.get("image"), item.payloads.get("txt")))
+                if len(self.batch) >= self.batch_size:
+                    self._flush(limit=self.batches_in_flight)
+        self._flush(limit=0)
+        summary = self.summary
+        if summary.error:
+            self.errors.append(f"tar unreadable past byte {summary.bytes_read}: {summary.error}")
+        elif self.shard.tar_sha256 and summary.sha256 != self.shard.tar_sha256:
+            self.errors.append("tar content changed since discovery (sha256 differs); re-discover the pool")
+
+    def _flush(self, limit: int) -> None:
+        """Hand the batch to the workers, then wait until at most ``limit`` batches are in flight."""
+        if self.batch:
+            if self.executor is None:
+                self._collect(_content_batch(self.batch, self.limits))
+            else:
+                self.in_flight.append(self.executor.submit(_content_batch, self.batch, self.limits))
+            self.batch = []
+        while len(self.in_flight) > limit:
+            self._collect(self.in_flight.popleft().result())
+
+    def _collect(self, results: list[tuple[int, ContentOk | ContentRejected]]) -> None:
         for seq, result in results:
-            sample = pending.pop(seq)
+            sample = self.pending.pop(seq)
             if isinstance(result, ContentRejected):
-                rows.reject(seq, sample, result.reason, result.detail, sample["members"])
+                self.rows.reject(seq, sample, result.reason, result.detail, sample["members"])
                 continue
             aspect = max(result.width, result.height) / min(result.width, result.height)
             accepted = {name: sample[name] for name in ("uid", "key", "shard", "shard_id", "url")}
@@ -219,82 +267,51 @@ def ingest_shard(
                 "aspect_ratio": aspect,
                 **asdict(result),
             }
-            rows.accepted.append((seq, accepted))
+            self.rows.accepted.append((seq, accepted))
 
-    def flush(limit: int) -> None:
-        nonlocal batch
-        if batch:
-            if executor is None:
-                collect(_content_batch(batch, limits))
+    def _account_unmatched_parquet_rows(self) -> None:
+        """Parquet rows whose key never appeared in the tar: not downloaded, or missing members."""
+        tar_note = f"; tar error: {self.summary.error}" if self.summary.error else ""
+        for key, row in self.by_key.items():
+            if key in self.seen_keys:
+                continue
+            seq = self.rows.seq()
+            uid = row.get("uid") if UID_PATTERN.match(str(row.get("uid") or "")) else derive_uid(self.shard.name, key)
+            status = row.get("status") or "success"
+            if status != "success":
+                detail = f"status {status!r}: {row.get('error_message') or 'no error message'}"
+                self._reject(seq, uid, key, Reason.NOT_DOWNLOADED, detail, [])
             else:
-                in_flight.append(executor.submit(_content_batch, batch, limits))
-            batch = []
-        while len(in_flight) > limit:
-            collect(in_flight.popleft().result())
+                detail = "parquet says success but the tar has no members for this key" + tar_note
+                self._reject(seq, uid, key, Reason.MISSING_MEMBER, detail, [])
 
-    summary = TarReadSummary()
-    tar_samples = ignored_members = 0
-    if shard.tar is None:
-        errors.append("shard has no tar file")
-    else:
-        with storage.open_input(shard.tar.uri, s3) as stream:
-            for item in iter_tar_samples(stream, summary, limits):
-                seq = rows.seq()
-                if isinstance(item, UnsafeEntry):
-                    unsafe = {**base, "uid": derive_uid(shard.name, f"member:{item.name}"), "key": item.name}
-                    rows.reject(seq, unsafe, item.reason, item.detail, [item.name])
-                    continue
-                tar_samples += 1
-                ignored_members += item.ignored_members
-                sample = _identify(item, by_key, parquet_rows is not None, parquet_error, shard, seen_keys, seen_uids)
-                if isinstance(sample, tuple):
-                    reason, detail, uid = sample
-                    rows.reject(seq, {**base, "uid": uid, "key": item.key}, reason, detail, item.member_names)
-                    continue
-                pending[seq] = {**base, **sample}
-                batch.append((seq, item.payloads.get("image"), item.payloads.get("txt")))
-                if len(batch) >= batch_size:
-                    flush(limit=batches_in_flight)
-        flush(limit=0)
-        if summary.error:
-            errors.append(f"tar unreadable past byte {summary.bytes_read}: {summary.error}")
-        elif shard.tar_sha256 and summary.sha256 != shard.tar_sha256:
-            errors.append("tar content changed since discovery (sha256 differs); re-discover the pool")
+    def _result(self, parquet_rows: list[dict[str, Any]] | None, seconds: float) -> ShardIngestion:
+        accepted = self.rows.table("accepted", ACCEPTED_SCHEMA)
+        quarantine = self.rows.table("quarantine", QUARANTINE_SCHEMA)
+        report = ShardReport(
+            shard=self.shard.name,
+            shard_id=self.shard.shard_id,
+            checksum=self.shard.checksum,
+            total=accepted.num_rows + quarantine.num_rows,
+            accepted=accepted.num_rows,
+            quarantined=quarantine.num_rows,
+            by_reason=dict(sorted(Counter(quarantine.column("reason").to_pylist()).items())),
+            parquet_rows=len(parquet_rows) if parquet_rows is not None else None,
+            tar_samples=self.tar_samples,
+            ignored_members=self.ignored_members,
+            tar_directories=self.summary.directories,
+            errors=self.errors,
+            bytes_read=self.summary.bytes_read,
+            seconds=round(seconds, 3),
+        )
+        return ShardIngestion(report=report, accepted=accepted, quarantine=quarantine)
 
-    tar_note = f"; tar error: {summary.error}" if summary.error else ""
-    for key, row in by_key.items():
-        if key in seen_keys:
-            continue
-        seq = rows.seq()
-        uid = row.get("uid") if UID_PATTERN.match(str(row.get("uid") or "")) else derive_uid(shard.name, key)
-        status = row.get("status") or "success"
-        if status != "success":
-            detail = f"status {status!r}: {row.get('error_message') or 'no error message'}"
-            rows.reject(seq, {**base, "uid": uid, "key": key}, Reason.NOT_DOWNLOADED, detail, [])
-        else:
-            detail = "parquet says success but the tar has no members for this key" + tar_note
-            rows.reject(seq, {**base, "uid": uid, "key": key}, Reason.MISSING_MEMBER, detail, [])
 
-    accepted = rows.table("accepted", ACCEPTED_SCHEMA)
-    quarantine = rows.table("quarantine", QUARANTINE_SCHEMA)
-    reasons.update(quarantine.column("reason").to_pylist())
-    report = ShardReport(
-        shard=shard.name,
-        shard_id=shard.shard_id,
-        checksum=shard.checksum,
-        total=accepted.num_rows + quarantine.num_rows,
-        accepted=accepted.num_rows,
-        quarantined=quarantine.num_rows,
-        by_reason=dict(sorted(reasons.items())),
-        parquet_rows=len(parquet_rows) if parquet_rows is not None else None,
-        tar_samples=tar_samples,
-        ignored_members=ignored_members,
-        tar_directories=summary.directories,
-        errors=errors,
-        bytes_read=summary.bytes_read,
-        seconds=round(time.perf_counter() - started, 3),
-    )
-    return ShardIngestion(report=report, accepted=accepted, quarantine=quarantine)
+def ingest_shard(shard: ShardRef, *, s3: S3Settings | None = None, limits: ValidationLimits = ValidationLimits(),
+                 executor: Executor | None = None, batch_size: int = 64, batches_in_flight: int = 4) -> ShardIngestion:
+    """Validate one shard (see :class:`ShardIngester`); ``executor`` (:func:`make_executor`) parallelises decoding."""
+    return ShardIngester(shard, s3=s3, limits=limits, executor=executor, batch_size=batch_size,
+                         batches_in_flight=batches_in_flight).run()
 
 
 def _identify(
@@ -388,19 +405,9 @@ def _parquet_bytes(table: pa.Table) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def output_paths(out_uri: str, shard_name: str) -> dict[str, str]:
-    """Where :func:`write_ingestion` puts a shard's files."""
-    name = partition_key_for(shard_name)
-    return {
-        "samples": storage.join(out_uri, "samples", f"{name}.parquet"),
-        "quarantine": storage.join(out_uri, "quarantine", f"{name}.parquet"),
-        "report": storage.join(out_uri, "reports", f"{name}.json"),
-    }
-
-
 def read_accepted(out_uri: str, shard: ShardRef, s3: S3Settings | None = None) -> pa.Table:
     """The accepted samples ingestion wrote for ``shard``; refuses outputs of another shard version."""
-    path = output_paths(out_uri, shard.name)["samples"]
+    path = ShardOutputs.of(out_uri, shard.name).samples
     if not storage.exists(path, s3):
         raise FileNotFoundError(f"shard {shard.name} has not been ingested into {out_uri}")
     filesystem, local = storage.filesystem_for(path, s3)
@@ -416,17 +423,17 @@ def write_ingestion(ingestion: ShardIngestion, out_uri: str, s3: S3Settings | No
     Files are named by the shard's partition key, so re-ingesting (also a replaced shard)
     overwrites exactly that shard's outputs: idempotent, no leftovers.
     """
-    paths = output_paths(out_uri, ingestion.report.shard)
-    storage.write_bytes_atomic(paths["samples"], _parquet_bytes(ingestion.accepted), s3)
-    storage.write_bytes_atomic(paths["quarantine"], _parquet_bytes(ingestion.quarantine), s3)
+    outputs = ShardOutputs.of(out_uri, ingestion.report.shard)
+    storage.write_bytes_atomic(outputs.samples, _parquet_bytes(ingestion.accepted), s3)
+    storage.write_bytes_atomic(outputs.quarantine, _parquet_bytes(ingestion.quarantine), s3)
     report = json.dumps(ingestion.report.to_dict(), indent=2, sort_keys=True).encode()
-    storage.write_bytes_atomic(paths["report"], report, s3)
-    return paths
+    storage.write_bytes_atomic(outputs.report, report, s3)
+    return outputs.files()
 
 
 def read_captions(out_uri: str, s3: S3Settings | None = None, uid_below: str | None = None) -> pa.Table:
     """uid and caption of every accepted sample under ``out_uri`` (or of those with ``uid < uid_below``)."""
-    filesystem, local = storage.filesystem_for(storage.join(out_uri, "samples"), s3)
+    filesystem, local = storage.filesystem_for(ShardOutputs.samples_root(out_uri), s3)
     condition = None if uid_below is None else ds.field("uid") < uid_below
     return ds.dataset(local, filesystem=filesystem, format="parquet").to_table(columns=["uid", "caption"],
                                                                              filter=condition)

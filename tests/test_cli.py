@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from curation_platform.reasons import REASON_DESCRIPTIONS, Reason
 from curation_platform_dagster.cli import main
-from tests.test_hostile_shard import hostile_shard
+from tests.helpers.shards import hostile_shard
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -9,10 +9,11 @@ from pathlib import Path
 import dagster as dg
 
 from curation_platform_dagster.definitions import build_definitions, defs
-from curation_platform_dagster.ingestion import shard_discovery_sensor
+from curation_platform_dagster.defs.ingestion import shard_discovery_sensor
+from curation_platform_dagster.defs.resources import PlatformResource, ScoringResource, TeacherResource
 from curation_platform_dagster.local_run import materialize_graph
-from curation_platform_dagster.resources import PlatformResource, ScoringResource, TeacherResource
-from tests.test_embedding import tiny_teacher_dir
+from tests.helpers.demo import build_small_demo_pool
+from tests.helpers.teachers import tiny_teacher_dir
 
 PER_SHARD = ("validated_samples", "embeddings", "shard_scores")
 GLOBAL = ("teacher", "reference_sample", "normsim_target", "score_statistics")
@@ -50,10 +51,8 @@ def _graph(tmp_path: Path, demo_pool_dir: Path) -> tuple[dg.Definitions, Path]:
 
 def _new_shard(pool: Path, name: str, scratch: Path) -> None:
     """A shard with new samples (another seed of the demo generator) dropped into the pool."""
-    from curation_platform.demo import DemoPoolConfig, build_demo_pool
-
-    build_demo_pool(DemoPoolConfig(out=scratch, shards=1, samples_per_shard=60, seed=11, reference_samples=10,
-                                   target_samples=10, eval_samples=10))
+    build_small_demo_pool(scratch, shards=1, samples_per_shard=60, seed=11, reference_samples=10, target_samples=10,
+                          eval_samples=10)
     for suffix in (".tar", ".parquet", "_stats.json"):
         shutil.copy(scratch / "pool" / f"00000{suffix}", pool / f"{name}{suffix}")
 
@@ -112,7 +111,7 @@ def test_whole_graph_then_only_the_new_shard(tmp_path: Path, demo_pool_dir: Path
     assert evaluations, "check executions are recorded"
 
     # Nothing is out of date: the automation requests nothing.
-    start = dt.datetime.now(dt.timezone.utc)
+    start = dt.datetime.now(dt.UTC)
     idle = dg.evaluate_automation_conditions(graph, instance, evaluation_time=start)
     assert idle.total_requested == 0
     before = {asset: _materialised(instance, asset) for asset in PER_SHARD + GLOBAL}

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import dagster as dg
 
-from curation_platform_dagster.ingestion import (
+from curation_platform_dagster.defs.ingestion import (
     shard_discovery_sensor,
     shard_partitions,
     shard_reconciles,
     validated_samples,
 )
-from curation_platform_dagster.resources import PlatformResource
+from curation_platform_dagster.defs.resources import PlatformResource
 
 
 def test_sensor_and_partition_materialisation(tmp_path: Path, demo_pool_dir: Path) -> None:
@@ -48,10 +48,10 @@ def test_sensor_and_partition_materialisation(tmp_path: Path, demo_pool_dir: Pat
 
 
 def test_teacher_and_embedding_partition_materialise(tmp_path: Path, demo_pool_dir: Path) -> None:
-    from curation_platform_dagster.embeddings import embeddings, embeddings_meet_expectations
-    from curation_platform_dagster.resources import TeacherResource
-    from curation_platform_dagster.teachers import no_progress, teacher
-    from tests.test_embedding import tiny_teacher_dir
+    from curation_platform_dagster.defs.embeddings import embeddings, embeddings_meet_expectations
+    from curation_platform_dagster.defs.resources import TeacherResource
+    from curation_platform_dagster.defs.teachers import no_progress, teacher
+    from tests.helpers.teachers import tiny_teacher_dir
 
     platform = PlatformResource(home_uri=str(tmp_path / "home"), pool_uri=str(demo_pool_dir / "pool"),
                                 decode_workers=0)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from curation_platform_dagster.definitions import build_definitions
-from curation_platform_dagster.resources import PlatformResource
-from tests.conftest import stop_process_group
+from curation_platform_dagster.defs.resources import PlatformResource
+from tests.helpers.processes import free_port, stop_process_group
 
 ROOT = Path(__file__).resolve().parents[1]
 QUERY = """{ assetNodes { assetKey { path } assetChecksOrError { ... on AssetChecks { checks { name } } } } }"""
@@ -31,12 +30,6 @@ telemetry:
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _query(port: int) -> dict:
     request = urllib.request.Request(f"http://127.0.0.1:{port}/graphql", data=json.dumps({"query": QUERY}).encode(),
                                      headers={"Content-Type": "application/json"})
@@ -49,7 +42,7 @@ def test_dev_server_lists_assets_and_checks(tmp_path: Path, command: str) -> Non
     dagster_home = tmp_path / "dagster"
     dagster_home.mkdir()
     (dagster_home / "dagster.yaml").write_text(INSTANCE_YAML)
-    port = _free_port()
+    port = free_port()
     recipes = tmp_path / "home" / "recipes"
     recipes.mkdir(parents=True)
     (recipes / "kl.toml").write_text('name = "kl-top"\n[[stage]]\ntype = "top_fraction"\nscore = "kl_text"\n'

@@ -14,7 +14,7 @@ from curation_platform.teacher_quality import TeacherBar
 from curation_platform.training import TrainingConfig
 from curation_platform.validation import ValidationLimits
 from curation_platform_dagster.cli import main
-from curation_platform_dagster.resources import PlatformResource, ScoringResource, TeacherResource
+from curation_platform_dagster.defs.resources import PlatformResource, ScoringResource, TeacherResource
 
 
 def _defaults(dataclass_type: type) -> dict:

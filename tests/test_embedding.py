@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from curation_platform.embedding.engine import EmbedConfig, embed_shard, embed_shards
+from curation_platform.embedding.engine import embed_shard, embed_shards
 from curation_platform.embedding.precomputed import import_npz
 from curation_platform.embedding.sinks import ArrowSink, LanceSink, NullSink
 from curation_platform.ingest import ingest_shard
@@ -30,23 +29,8 @@ from curation_platform.pool import ShardRef, discover_shards
 from curation_platform.quality import embeddings_suite
 from curation_platform.storage import S3Settings
 from curation_platform.teachers import Teacher, TeacherSpec, load_teacher, save_teacher_directory
-from tests.conftest import upload_directory
-
-TINY_CONFIG = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
-CPU = EmbedConfig(device="cpu", batch_size=64, chunk_size=16, workers=0)
-
-
-def tiny_teacher_dir(root: Path, seed: int = 0, **overrides) -> Path:
-    torch.manual_seed(seed)
-    model = open_clip.model.CLIP(**TINY_CONFIG)
-    for name, value in overrides.items():
-        getattr(model, name).data.fill_(value)
-    save_teacher_directory(model, TINY_CONFIG, {"size": 32}, str(root))
-    return root
+from tests.helpers.s3 import upload_directory
+from tests.helpers.teachers import CPU, TINY_CONFIG, embed_in_child, tiny_teacher_dir
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +93,7 @@ def test_pickled_code_in_a_checkpoint_is_refused(tmp_path: Path) -> None:
 
     checkpoint = tmp_path / "evil.pt"
     checkpoint.write_bytes(pickle.dumps({"state": Exploit()}))
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 - any refusal will do; what matters is that nothing ran
         load_teacher(TeacherSpec(architecture="ViT-B-32", checkpoint=str(checkpoint)))
     assert not (tmp_path / "pwned").exists()
 
@@ -160,35 +144,6 @@ def test_reembedding_replaces_exactly_the_shard(tmp_path: Path, teacher: Teacher
     assert sink.read_shard(shard.name, second.teacher_id, 32).num_rows == samples.num_rows
 
 
-def _embed_in_child(teacher_dir: str, pool: str, shard_name: str, lance_uri: str, delay: float) -> None:
-    """Subprocess body: embed one shard; ``delay`` slows each batch so a test can kill it mid-shard."""
-    teacher = load_teacher(TeacherSpec(checkpoint=teacher_dir))
-    (shard,) = [s for s in discover_shards(pool) if s.name == shard_name]
-    samples = ingest_shard(shard).accepted
-    sink = LanceSink(lance_uri)
-    if delay:
-        original = sink.shard_writer
-
-        def slow_writer(*args, **kwargs):
-            manager = original(*args, **kwargs)
-
-            class Slow:
-                def __enter__(self):
-                    writer = manager.__enter__()
-                    write = writer.write
-                    writer.write = lambda batch: (time.sleep(delay), write(batch))
-                    print("writing", flush=True)
-                    return writer
-
-                def __exit__(self, *exc):
-                    return manager.__exit__(*exc)
-
-            return Slow()
-
-        sink.shard_writer = slow_writer
-    embed_shard(teacher, shard, samples, sink, replace(CPU, batch_size=16))
-
-
 def test_concurrent_writers_and_kill_retry_leave_exact_rows(tmp_path: Path, teacher_dir: Path, teacher: Teacher,
                                                             validated: list[tuple[ShardRef, pa.Table]],
                                                             demo_pool_dir: Path) -> None:
@@ -196,7 +151,7 @@ def test_concurrent_writers_and_kill_retry_leave_exact_rows(tmp_path: Path, teac
     pool = str(demo_pool_dir / "pool")
     context = multiprocessing.get_context("spawn")
     names = [shard.name for shard, _ in validated]
-    writers = [context.Process(target=_embed_in_child, args=(str(teacher_dir), pool, name, lance_uri, 0.0))
+    writers = [context.Process(target=embed_in_child, args=(str(teacher_dir), pool, name, lance_uri, 0.0))
                for name in [*names, *names]]  # every shard written twice, all at once
     for process in writers:
         process.start()
@@ -210,8 +165,8 @@ def test_concurrent_writers_and_kill_retry_leave_exact_rows(tmp_path: Path, teac
     before = sink.open_table(32).count_rows()
 
     # a writer killed mid-shard leaves the committed state untouched; the retry commits exactly once
-    code = (f"from tests.test_embedding import _embed_in_child; "
-            f"_embed_in_child({str(teacher_dir)!r}, {pool!r}, {names[0]!r}, {lance_uri!r}, 0.5)")
+    code = (f"from tests.helpers.teachers import embed_in_child; "
+            f"embed_in_child({str(teacher_dir)!r}, {pool!r}, {names[0]!r}, {lance_uri!r}, 0.5)")
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
                              cwd=Path(__file__).resolve().parents[1],
                              env=os.environ | {"TMPDIR": str(tmp_path)})  # its staged rows die with it here
@@ -220,7 +175,7 @@ def test_concurrent_writers_and_kill_retry_leave_exact_rows(tmp_path: Path, teac
     child.send_signal(signal.SIGKILL)
     child.wait(timeout=30)
     assert sink.open_table(32).count_rows() == before
-    _embed_in_child(str(teacher_dir), pool, names[0], lance_uri, 0.0)
+    embed_in_child(str(teacher_dir), pool, names[0], lance_uri, 0.0)
     assert sink.open_table(32).count_rows() == before
 
 

@@ -108,14 +108,14 @@ def test_lock_file_pins_the_mirrored_provider(tf_workdir):
 
 def _blocks(text: str, kind: str) -> dict[str, str]:
     """Top-level ``kind "name" { ... }`` blocks of an HCL file (terraform fmt layout: closing brace at column 0)."""
-    return dict(re.findall(rf'^{kind} "([^"]+)" \{{\n(.*?)^\}}', text, flags=re.M | re.S))
+    return dict(re.findall(rf'^{kind} "([^"]+)" \{{\n(.*?)^\}}', text, flags=re.MULTILINE | re.DOTALL))
 
 
 def test_every_variable_and_output_is_documented():
     variables = _blocks((TF_DIR / "variables.tf").read_text(), "variable")
     outputs = _blocks((TF_DIR / "outputs.tf").read_text(), "output")
     assert len(variables) > 20 and outputs
-    undocumented = [n for n, body in {**variables, **outputs}.items() if not re.search(r"^\s*description\s*=", body, re.M)]
+    undocumented = [n for n, body in {**variables, **outputs}.items() if not re.search(r"^\s*description\s*=", body, re.MULTILINE)]
     assert not undocumented
     # Inputs that can be wrong in a way AWS only reports mid-apply are validated up front.
     unvalidated = [n for n, body in variables.items() if "validation {" not in body and n not in {"tags", "db_multi_az", "curation_teacher", "curation_target"}]
@@ -359,10 +359,10 @@ def test_production_environment_is_provided_by_terraform_and_image():
     """Every variable infra/dagster.yaml reads is set on the ECS tasks (ecs.tf) or in the image."""
     needed = _env_names(INSTANCE_FILES["production"].read_text())
     ecs = (TF_DIR / "ecs.tf").read_text()
-    provided = set(re.findall(r"^\s*([A-Z][A-Z0-9_]+)\s*=", ecs, flags=re.M))
+    provided = set(re.findall(r"^\s*([A-Z][A-Z0-9_]+)\s*=", ecs, flags=re.MULTILINE))
     provided |= set(re.findall(r'name\s*=\s*"([A-Z][A-Z0-9_]+)"', ecs))  # secrets
     dockerfile = DOCKERFILE.read_text()
-    provided |= set(re.findall(r"^\s*(?:ENV\s+)?([A-Z][A-Z0-9_]+)=", dockerfile, flags=re.M))
+    provided |= set(re.findall(r"^\s*(?:ENV\s+)?([A-Z][A-Z0-9_]+)=", dockerfile, flags=re.MULTILINE))
     assert needed and needed <= provided, f"not set by Terraform or the image: {sorted(needed - provided)}"
     assert "COPY infra/dagster.yaml /opt/dagster/dagster_home/dagster.yaml" in dockerfile
     assert "DAGSTER_HOME=/opt/dagster/dagster_home" in dockerfile
@@ -371,6 +371,6 @@ def test_production_environment_is_provided_by_terraform_and_image():
 def test_gpu_capacity_provider_name_matches_terraform():
     raw = yaml.safe_load(INSTANCE_FILES["production"].read_text())
     strategy = raw["run_launcher"]["config"]["run_task_kwargs"]["capacityProviderStrategy"]
-    default_name = re.search(r'variable "name" \{.*?default\s*=\s*"([^"]+)"', (TF_DIR / "variables.tf").read_text(), re.S)[1]
+    default_name = re.search(r'variable "name" \{.*?default\s*=\s*"([^"]+)"', (TF_DIR / "variables.tf").read_text(), re.DOTALL)[1]
     assert 'name = "${var.name}-gpu"' in (TF_DIR / "gpu.tf").read_text()
     assert [s["capacityProvider"] for s in strategy] == [f"{default_name}-gpu"]

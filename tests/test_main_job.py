@@ -12,10 +12,10 @@ import dagster as dg
 import pytest
 from click.testing import CliRunner
 
-from curation_platform.demo import DemoPoolConfig, build_demo_pool
 from curation_platform_dagster.cli import main
+from curation_platform_dagster.defs.teachers import TEACHER_GATE
 from curation_platform_dagster.local_run import instance_for
-from curation_platform_dagster.teachers import TEACHER_GATE
+from tests.helpers.demo import build_small_demo_pool
 
 SETTINGS = {"scoring": {"reference_size": 150, "neg_clip_batch_size": 64, "neg_clip_repeats": 2}}
 RECIPE = 'name = "clip-half"\n[[stage]]\ntype = "top_fraction"\nscore = "clip_score"\nfraction = 0.5\n'
@@ -24,10 +24,8 @@ RECIPE = 'name = "clip-half"\n[[stage]]\ntype = "top_fraction"\nscore = "clip_sc
 @pytest.fixture(scope="module")
 def other_pool(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Another seed and size than the demo's, in a folder of its own, with its own clean reference split."""
-    root = tmp_path_factory.mktemp("users-data")
-    build_demo_pool(DemoPoolConfig(out=root, shards=2, samples_per_shard=120, seed=5, reference_samples=900,
-                                   target_samples=40, eval_samples=10))
-    return root
+    return build_small_demo_pool(tmp_path_factory.mktemp("users-data"), shards=2, samples_per_shard=120, seed=5,
+                                 reference_samples=900, target_samples=40, eval_samples=10)
 
 
 def test_run_on_a_users_own_pool(other_pool: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -104,15 +102,15 @@ def test_a_script_without_a_main_guard_runs_the_job(other_pool: Path, tmp_path: 
     import subprocess
     import sys
 
-    from tests.test_embedding import tiny_teacher_dir
+    from tests.helpers.teachers import tiny_teacher_dir
 
     script = tmp_path / "my_pipeline.py"
     script.write_text(UNGUARDED_SCRIPT.format(home=str(tmp_path / "home"), pool=str(other_pool / "pool"),
                                               teacher=str(tiny_teacher_dir(tmp_path / "teacher"))))
     env = {key: value for key, value in os.environ.items() if key not in ("DAGSTER_HOME", "CURATION_HOME")}
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
-    completed = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600,
-                               cwd=tmp_path)
+    completed = subprocess.run([sys.executable, str(script)], check=False, capture_output=True, text=True, env=env,
+                               timeout=600, cwd=tmp_path)
     assert completed.returncode == 0, completed.stderr[-3000:]
     reports = [line for line in completed.stdout.splitlines() if line.startswith("OUTCOMES")]
     parent = [line for line in reports if line != "OUTCOMES []"]

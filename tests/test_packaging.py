@@ -13,7 +13,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_every_package_is_listed_and_the_code_location_has_its_own_name() -> None:
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     on_disk = {".".join(init.parent.relative_to(ROOT).parts) for init in (ROOT / "curation_platform").rglob("__init__.py")}
-    assert set(config["packages"]) == on_disk | {"curation_platform_dagster"}
+    location = {".".join(("curation_platform_dagster", *init.parent.relative_to(ROOT / "assets").parts))
+                for init in (ROOT / "assets").rglob("__init__.py")}
+    assert set(config["packages"]) == on_disk | location
+    assert {"curation_platform_dagster", "curation_platform_dagster.defs"} <= location
     assert config["package-dir"] == {"curation_platform_dagster": "assets"}  # never a top-level module `assets`
 
 

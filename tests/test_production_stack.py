@@ -8,12 +8,12 @@ its retry leaves exactly one embedding per accepted sample.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,10 +29,11 @@ import pytest
 from curation_platform import lance_tables
 from curation_platform.ingest import ingest_shard
 from curation_platform.pool import discover_shards
-from curation_platform.releases.store import list_releases, verify_release
+from curation_platform.releases import list_releases, verify_release
 from curation_platform.storage import S3Settings
-from tests.conftest import S3_BUCKET, stop_process_group, upload_directory
-from tests.test_embedding import tiny_teacher_dir
+from tests.helpers.processes import free_port, stop_process_group
+from tests.helpers.s3 import S3_BUCKET, upload_directory
+from tests.helpers.teachers import tiny_teacher_dir
 
 pytestmark = pytest.mark.s3
 
@@ -45,14 +46,8 @@ RELEASE_ASSET = "release_prod_top_half"
 IN_PROCESS = json.dumps({"execution": {"config": {"in_process": {}}}})
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _run(command: list[str], timeout: float = 120, **kwargs) -> subprocess.CompletedProcess:
-    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, **kwargs)
+    done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=timeout, **kwargs)
     assert done.returncode == 0, f"{' '.join(command[:6])} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
     return done
 
@@ -73,7 +68,7 @@ def postgres() -> Iterator[dict[str, str]]:
         owner = pwd.getpwnam("postgres")
         os.chown(base, owner.pw_uid, owner.pw_gid)
     os.chmod(base, 0o700)
-    port = _free_port()
+    port = free_port()
     credentials = {"DAGSTER_PG_PORT": str(port), "DAGSTER_PG_USER": "dagster",
                    "DAGSTER_PG_PASSWORD": uuid.uuid4().hex, "DAGSTER_PG_DB": "dagster"}
     log = base / "postgres.log"
@@ -95,7 +90,7 @@ def postgres() -> Iterator[dict[str, str]]:
             pid_file = data / "postmaster.pid"
             pid = int(pid_file.read_text().split()[0]) if pid_file.exists() else None
             subprocess.run([*runner, str(PG_BIN / "pg_ctl"), "-D", str(data), "stop", "-m", "fast", "-w", "-t", "30"],
-                           capture_output=True, timeout=60)
+                           check=False, capture_output=True, timeout=60)
             if pid is not None and _alive(pid):
                 os.kill(pid, signal.SIGKILL)
         shutil.rmtree(base, ignore_errors=True)
@@ -295,7 +290,7 @@ def test_production_stack(tmp_path: Path, s3_server: S3Settings, demo_pool_dir: 
             gpu_runs = sorted((record.start_time, record.end_time) for record in instance.get_run_records()
                               if dg.AssetKey("embeddings") in (record.dagster_run.asset_selection or set()))
             assert len(gpu_runs) == len(keys) and all(start is not None and end is not None for start, end in gpu_runs)
-            assert all(later[0] >= earlier[1] for earlier, later in zip(gpu_runs, gpu_runs[1:])), \
+            assert all(later[0] >= earlier[1] for earlier, later in itertools.pairwise(gpu_runs)), \
                 f"embedding runs overlapped although the gpu pool allows one:\n{timeline()}"
 
             # A run worker killed mid-shard (SIGKILL to the run worker and its step process, launched by the

@@ -23,7 +23,7 @@ from curation_platform.releases import (
     subset_uids,
     verify_release,
 )
-from curation_platform.releases.store import CHECKSUMS, SAMPLES, SUBSET
+from curation_platform.releases.artefacts import CHECKSUMS, SAMPLES, SUBSET
 
 NEGCLIP_NORMSIM = """
 name = "negclip-normsim"
@@ -117,11 +117,11 @@ def test_scores_from_mixed_references_are_refused(tmp_path: Path, sources: Relea
 
 def test_large_pool_reports_draw_a_uid_sample_and_select_from_every_row(tmp_path: Path, sources: ReleaseSources,
                                                                           monkeypatch) -> None:
-    from curation_platform.releases import store
+    from curation_platform.releases import inputs
 
     recipe = parse_recipe(NEGCLIP_NORMSIM)
     whole = create_release(recipe, sources, str(tmp_path / "whole"))
-    monkeypatch.setattr(store, "REPORT_MAX_ROWS", whole.manifest["pool_rows"] // 4)
+    monkeypatch.setattr(inputs, "REPORT_MAX_ROWS", whole.manifest["pool_rows"] // 4)
     sampled = create_release(recipe, sources, str(tmp_path / "sampled"))
     for name in (SAMPLES, SUBSET):  # selection reads every row whatever the report draws
         assert (Path(whole.uri) / name).read_bytes() == (Path(sampled.uri) / name).read_bytes(), name

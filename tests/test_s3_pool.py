@@ -10,8 +10,8 @@ import pytest
 from curation_platform.ingest import ingest_pool, write_ingestion
 from curation_platform.pool import discover_shards
 from curation_platform.storage import S3Settings
-from tests.conftest import upload_directory
-from tests.test_hostile_shard import LIMITS, hostile_shard
+from tests.helpers.s3 import upload_directory
+from tests.helpers.shards import LIMITS, hostile_shard
 
 pytestmark = pytest.mark.s3
 

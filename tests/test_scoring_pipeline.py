@@ -69,7 +69,7 @@ def test_score_table_is_complete_and_idempotent(scored_demo: dict) -> None:
     assert stored.uids == context.reference.uids and np.allclose(stored.text, context.reference.text)
 
     # the stored scores are the library functions applied to the stored embeddings
-    shard, samples = scored_demo["jobs"][0]
+    shard, _ = scored_demo["jobs"][0]
     rows = LanceSink(lance).read_shard(shard.name, teacher.teacher_id, teacher.embed_dim)
     image = np.stack(rows.column("image_embedding").to_numpy(zero_copy_only=False))
     text = np.stack(rows.column("text_embedding").to_numpy(zero_copy_only=False))

@@ -9,15 +9,14 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from curation_platform.demo import DemoPoolConfig, build_demo_pool
 from curation_platform.teacher_quality import TeacherBar, evaluate_teacher, judge_teacher
 from curation_platform.teachers import TeacherSpec, load_teacher
 from curation_platform.training import RetrievalMetrics, train_teacher
 from curation_platform_dagster.definitions import build_definitions
-from curation_platform_dagster.ingestion import shard_partitions
-from curation_platform_dagster.resources import PlatformResource, ScoringResource, TeacherResource
-from tests.test_embedding import tiny_teacher_dir
-from tests.test_training import TINY
+from curation_platform_dagster.defs.ingestion import shard_partitions
+from curation_platform_dagster.defs.resources import PlatformResource, ScoringResource, TeacherResource
+from tests.helpers.demo import build_small_demo_pool
+from tests.helpers.teachers import TINY, tiny_teacher_dir
 
 
 def _metrics(i2t5: float, t2i5: float, i2t1: float = 0.2, t2i1: float = 0.2, samples: int = 300) -> RetrievalMetrics:
@@ -39,10 +38,8 @@ def test_the_default_bar_fails_a_cut_short_teacher_and_passes_the_demo_teacher()
 
 @pytest.fixture(scope="module")
 def split(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("gate-split")
-    build_demo_pool(DemoPoolConfig(out=root, shards=1, samples_per_shard=60, seed=3, reference_samples=600,
-                                   target_samples=10, eval_samples=10))
-    return root
+    return build_small_demo_pool(tmp_path_factory.mktemp("gate-split"), shards=1, samples_per_shard=60, seed=3,
+                                 reference_samples=600, target_samples=10, eval_samples=10)
 
 
 @pytest.fixture(scope="module")

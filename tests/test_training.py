@@ -11,13 +11,10 @@ import pytest
 import torch
 
 from curation_platform import training
-from curation_platform.demo import DemoPoolConfig, build_demo_pool
 from curation_platform.embedding.loader import PixelNormaliser
 from curation_platform.precision import cpu_precision
 from curation_platform.teachers import CONFIG_FILE, Preprocessing, TeacherSpec, load_teacher
 from curation_platform.training import (
-    ModelConfig,
-    TrainingConfig,
     TrainingReport,
     TrainingTimeLimitExceeded,
     cosine_lr,
@@ -28,24 +25,17 @@ from curation_platform.training import (
     torch_threads,
     train_teacher,
 )
+from tests.helpers.demo import build_small_demo_pool
+from tests.helpers.teachers import TINY
 
 REFERENCE_SAMPLES = 600
-TINY = TrainingConfig(
-    model=ModelConfig(embed_dim=64, vision_width=64, vision_layers=2, text_width=64, text_heads=1, text_layers=1),
-    epochs=12,
-    batch_size=64,
-    lr=2e-3,
-    warmup_steps=5,
-    held_out_fraction=0.2,
-    seed=0,
-)
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> str:
     root = tmp_path_factory.mktemp("training-demo")
-    build_demo_pool(DemoPoolConfig(out=root, shards=1, samples_per_shard=20, reference_samples=REFERENCE_SAMPLES,
-                                   target_samples=10, eval_samples=20))
+    build_small_demo_pool(root, shards=1, samples_per_shard=20, reference_samples=REFERENCE_SAMPLES, target_samples=10,
+                          eval_samples=20)
     return str(root / "reference")
 
 

@@ -35,13 +35,13 @@ from curation_platform.formats.img2dataset import (
     sample_key_digits,
     shard_name,
 )
+from curation_platform.layout import GROUND_TRUTH_FILE
 from curation_platform.processes import worker_context
 
 ProgressCallback = Callable[[str, int, int], None]
 
 # The pool under-represents the target domains, so importance weighting has something to correct.
 POOL_DOMAIN_MIX = DomainMix(DOMAINS, (0.2, 0.2, 0.3, 0.3))
-GROUND_TRUTH_FILE = "ground_truth.parquet"
 MANIFEST_FILE = "demo_pool.json"
 # Web alt-text, on which real CLIP teachers are trained, holds many true but under-specified
 # captions ("a photo of a dog"); the reference split holds this share of them (see docs/scoring.md).

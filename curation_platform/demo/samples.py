@@ -32,8 +32,9 @@ from curation_platform.demo.evaluation import EvalLabel
 from curation_platform.demo.render import Size, render, render_text
 from curation_platform.demo.vocabulary import TRANSLATED_LANGUAGES
 from curation_platform.formats.img2dataset import ImageFormat
+from curation_platform.layout import DEMO_SPLITS
 
-SPLITS = ("pool", "reference", "target", "eval")
+SPLITS = DEMO_SPLITS  # a split's index seeds its random streams
 PNG_SHARE = 0.08
 _URL_HOSTS = (
     "images.example-cdn.invalid",

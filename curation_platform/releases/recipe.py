@@ -41,6 +41,7 @@ from typing import Any
 import yaml
 
 from curation_platform.scoring.pipeline import SCORE_COLUMNS, prompt_column
+from curation_platform.scoring.scores import WEIGHT_MODES, WeightMode
 from curation_platform.selection import (
     EmbeddingSource,
     Intersection,
@@ -53,9 +54,9 @@ from curation_platform.selection import (
     basic_filter,
 )
 
-SAMPLE_COLUMNS = ("language", "caption_words", "caption_chars", "width", "height", "aspect_ratio")
+# the sample attributes a recipe may name besides the scores (basic_filter reads all of them)
+RECIPE_SAMPLE_COLUMNS = ("language", "caption_words", "caption_chars", "width", "height", "aspect_ratio")
 TARGET_SCORES = ("norm_sim_2", "norm_sim_inf")
-WEIGHT_MODES = ("raw", "self_normalised", "clipped")
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 STAGE_KEYS = {
     "threshold": {"score", "min", "max"},
@@ -75,7 +76,7 @@ class RecipeError(ValueError):
 @dataclass(frozen=True)
 class WeightSpec:
     prompt: str
-    mode: str = "self_normalised"
+    mode: WeightMode = "self_normalised"
     clip_at: float = 10.0
 
     @property
@@ -187,9 +188,9 @@ def _weights(data: Any, source: str) -> WeightSpec | None:
 def _check_score(name: Any, where: str) -> None:
     if not isinstance(name, str):
         raise RecipeError(f"{where}: a score name is a string, got {name!r}")
-    if name not in SCORE_COLUMNS and name not in SAMPLE_COLUMNS and not name.startswith("iw_"):
+    if name not in SCORE_COLUMNS and name not in RECIPE_SAMPLE_COLUMNS and not name.startswith("iw_"):
         raise RecipeError(f"{where}: unknown score {name!r}; scores: {list(SCORE_COLUMNS)}, "
-                          f"sample columns: {list(SAMPLE_COLUMNS)}, importance weights: iw_<prompt>")
+                          f"sample columns: {list(RECIPE_SAMPLE_COLUMNS)}, importance weights: iw_<prompt>")
 
 
 def _check_fraction(value: Any, where: str) -> None:
@@ -247,7 +248,7 @@ def _columns_of(stage: dict[str, Any]) -> list[str]:
     if kind == "is_in":
         return [stage["column"]]
     if kind == "basic_filter":
-        return list(SAMPLE_COLUMNS)
+        return list(RECIPE_SAMPLE_COLUMNS)
     return []
 
 

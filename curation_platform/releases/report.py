@@ -26,9 +26,11 @@ from matplotlib.font_manager import FontProperties, findfont
 from matplotlib.ft2font import FT2Font
 from PIL import Image, ImageOps
 
-from curation_platform.analysis import _quantile_group, kl_decile_ngram_coverage, score_histograms
+from curation_platform.analysis import _quantile_group, kl_decile_ngram_coverage, panel_grid, score_histograms
 
-SAMPLE_COLUMNS = ("uid", "shard", "key", "caption", "language", "caption_words", "caption_chars", "width", "height")
+# the sample columns of a report's pool frame that are not scores (every other float column is one)
+REPORT_SAMPLE_COLUMNS = ("uid", "shard", "key", "caption", "language", "caption_words", "caption_chars", "width",
+                         "height")
 FONT = "DejaVu Sans"
 STYLE = {"font.family": [FONT], "font.size": 9.0, "axes.titlesize": 10.0}
 DPI = 100
@@ -48,7 +50,7 @@ def write_report(out: Path, *, title: str, pool: pl.DataFrame, selected_uids: pl
                  examples_per_grid: int = 16) -> list[Path]:
     """Write ``out/report.md`` and its figures under ``out/figures``; returns the written paths.
 
-    ``pool`` holds one row per scored pool sample (:data:`SAMPLE_COLUMNS` plus float score columns),
+    ``pool`` holds one row per scored pool sample (:data:`REPORT_SAMPLE_COLUMNS` plus float score columns),
     ``selected_uids`` the release's uids, ``funnel`` ``{"stage", "rows_in", "rows_out"}`` dicts in order,
     ``cutoffs`` the effective threshold per cut score (cut-offs on columns missing from the pool are
     listed but not drawn). ``load_images(uids)`` returns encoded images by uid; missing or undecodable
@@ -77,7 +79,7 @@ def write_report(out: Path, *, title: str, pool: pl.DataFrame, selected_uids: pl
 
 def _score_columns(pool: pl.DataFrame) -> list[str]:
     """Float columns besides the sample columns that hold at least one finite value, in pool order."""
-    floats = [name for name, dtype in pool.schema.items() if dtype.is_float() and name not in SAMPLE_COLUMNS]
+    floats = [name for name, dtype in pool.schema.items() if dtype.is_float() and name not in REPORT_SAMPLE_COLUMNS]
     present = pool.select(pl.col(floats).is_finite().any()).row(0, named=True) if floats else {}
     return [name for name in floats if present[name]]
 
@@ -120,7 +122,7 @@ def _scores_section(flagged: pl.DataFrame, scores: Sequence[str], cutoffs: Mappi
         return "## Scores\n\nNo score columns in the pool." + note
     histograms = score_histograms(flagged, scores, bins=HIST_BINS)
     selected = flagged.filter("selected")
-    figure, axes = _panels(len(scores), size=(4.0, 2.8))
+    figure, axes = panel_grid(len(scores), size=(4.0, 2.8))
     rows = []
     for axis, name in zip(axes, scores):
         part = histograms.filter(pl.col("column") == name).sort("bin")
@@ -156,7 +158,7 @@ def _coverage_section(flagged: pl.DataFrame, figures: Path, written: list[Path])
         .group_by("decile").agg(pl.col("selected").mean().alias("share"))
         .sort("decile").collect()
     )
-    figure, axes = _panels(3, size=(4.0, 3.0))
+    figure, axes = panel_grid(3, size=(4.0, 3.0))
     for axis, n in zip(axes, (1, 2)):
         part = coverage.filter(pl.col("n") == n)
         for k in part["k"].unique().sort().to_list():
@@ -236,8 +238,8 @@ def _examples_section(flagged: pl.DataFrame, cut: Sequence[str], load_images: Im
                       figures: Path, written: list[Path]) -> str:
     if not cut or per_grid <= 0:
         return ""
-    parts = ["## Examples\n\nPool samples with the highest and lowest values of each cut score; a green frame "
-             "and a ✓ mark the selected ones."]
+    parts = [("## Examples\n\nPool samples with the highest and lowest values of each cut score; a green frame "
+              "and a ✓ mark the selected ones.")]
     for name in cut:
         scored = flagged.filter(pl.col(name).is_finite())
         top = scored.top_k(per_grid, by=[name, "uid"], reverse=[False, True])
@@ -256,7 +258,7 @@ def _example_grid(rows: pl.DataFrame, score: str, load_images: ImageLoader, path
     """Thumbnails with the score, selection flag and a wrapped caption under each; placeholders where missing."""
     uids = rows["uid"].to_list()
     images = load_images(uids) if uids else {}
-    figure, axes = _panels(max(1, rows.height), columns=GRID_COLUMNS, size=(1.55, 2.3))
+    figure, axes = panel_grid(max(1, rows.height), columns=GRID_COLUMNS, size=(1.55, 2.3))
     for axis, row in zip(axes, rows.iter_rows(named=True)):
         thumbnail = _thumbnail(images.get(row["uid"]))
         if thumbnail is None:
@@ -321,16 +323,6 @@ def _stats(values: pl.Series) -> tuple[str, str, str]:
     finite = _finite(values)
     median = f"{float(np.median(finite)):.4g}" if finite.size else "–"
     return f"{finite.size:,}", median, f"{values.len() - finite.size:,}"
-
-
-def _panels(count: int, columns: int = 3, size: tuple[float, float] = (4.0, 3.0)) -> tuple[Figure, list]:
-    cols = min(columns, count)
-    rows = math.ceil(count / cols)
-    figure = Figure(figsize=(size[0] * cols, size[1] * rows), layout="constrained")
-    axes = figure.subplots(rows, cols, squeeze=False).ravel().tolist()
-    for unused in axes[count:]:
-        unused.set_visible(False)
-    return figure, axes[:count]
 
 
 def _save(figure: Figure, path: Path, written: list[Path]) -> str:

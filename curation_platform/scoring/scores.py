@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -343,7 +343,7 @@ def norm_sim_dynamic(image: Array, keep: int, num_iters: int = 10, sample_fracti
     for iteration in range(num_iters):
         if current.numel() <= keep:
             break
-        sample_size = max(1, int(round(sample_fraction * current.numel())))
+        sample_size = max(1, round(sample_fraction * current.numel()))
         sample = current[torch.randperm(current.numel(), generator=generator)[:sample_size]]
         sigma = _covariance(u[sample.to(u.device)], DEFAULT_CHUNK, centred=False)
         scores = _chunked_quadratic(u[current.to(u.device)], sigma, DEFAULT_CHUNK).cpu()
@@ -356,28 +356,43 @@ def norm_sim_dynamic(image: Array, keep: int, num_iters: int = 10, sample_fracti
 # -- 6. importance weights ----------------------------------------------------------------------
 
 WeightMode = Literal["raw", "self_normalised", "clipped"]
+WEIGHT_MODES: tuple[WeightMode, ...] = get_args(WeightMode)
+
+
+def normalise_log_weights(log_weights: np.ndarray, mode: WeightMode = "raw", clip_at: float = 10.0) -> np.ndarray:
+    """Importance weights from their float64 logs in one of the :data:`WEIGHT_MODES` (the one place they are
+    defined: :func:`importance_weights` and a release's weights both call it).
+
+    ``raw`` is ``exp(log w)``; ``self_normalised`` divides by the mean weight over the given samples,
+    computed in log space (``logaddexp`` reduction) so large log weights cannot overflow; ``clipped``
+    caps the self-normalised weight at ``clip_at``. numpy, not torch: release weights are written to a
+    checksummed ``samples.parquet`` and must keep their bits (torch's ``logsumexp`` differs in the last
+    bits from numpy's ``logaddexp.reduce``).
+    """
+    if mode not in WEIGHT_MODES:
+        raise ValueError(f"mode must be raw, self_normalised or clipped, got {mode!r}")
+    log_weights = np.asarray(log_weights, dtype=np.float64)
+    if mode == "raw":
+        return np.exp(log_weights)
+    log_mean = np.logaddexp.reduce(log_weights) - np.log(max(len(log_weights), 1))
+    normalised = np.exp(log_weights - log_mean)
+    if mode == "clipped":
+        normalised = np.minimum(normalised, clip_at)
+    return normalised
 
 
 def importance_weights(image: Array, prompt_embedding: Array, scale: float = 10.0, mode: WeightMode = "raw",
                        clip_at: float = 10.0) -> Array:
-    """``w(i) = exp(a_w s(u_i, v*))`` for a domain prompt embedding ``v*`` (unitless ratio).
+    """``w(i) = exp(a_w s(u_i, v*))`` for a domain prompt embedding ``v*`` (unitless ratio), float64.
 
     ``raw`` is the published form (``a_w = 10``, not normalised); ``self_normalised`` divides by
-    the mean over the given samples; ``clipped`` caps the self-normalised weight at ``clip_at``.
-    Weights are computed from log weights so large scales cannot overflow. The similarity is a
-    product and a row sum, not a matrix-vector product: MKL's gemv changes its float summation with
-    the number of threads it picks, which changes under load, and so would every weight's last bits.
+    the mean over the given samples; ``clipped`` caps the self-normalised weight at ``clip_at``
+    (:func:`normalise_log_weights`). The similarity is a product and a row sum, not a matrix-vector
+    product: MKL's gemv changes its float summation with the number of threads it picks, which
+    changes under load, and so would every weight's last bits.
     """
     u = _tensor(image)
     prompt = _tensor(prompt_embedding, u.device).reshape(-1)
     log_weights = (u * prompt).sum(dim=1, dtype=torch.float64) * float(scale)
-    if mode == "raw":
-        return _like(torch.exp(log_weights), image)
-    log_mean = torch.logsumexp(log_weights, dim=0) - math.log(log_weights.numel())
-    normalised = torch.exp(log_weights - log_mean)
-    if mode == "self_normalised":
-        return _like(normalised, image)
-    if mode == "clipped":
-        return _like(normalised.clamp_max(clip_at), image)
-    raise ValueError(f"mode must be raw, self_normalised or clipped, got {mode!r}")
-
+    weights = normalise_log_weights(log_weights.cpu().numpy(), mode, clip_at)
+    return weights if isinstance(image, np.ndarray) else torch.from_numpy(weights).to(u.device)

@@ -7,8 +7,8 @@ S3 credentials come only from the standard ``AWS_*`` environment variables, neve
 
 from __future__ import annotations
 
-import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import dagster as dg
@@ -16,16 +16,15 @@ import dagster as dg
 from curation_platform import storage
 from curation_platform.embedding.engine import EmbedConfig
 from curation_platform.embedding.sinks import EMBEDDINGS_TABLE
+from curation_platform.layout import ProjectLayout
 from curation_platform.pool import ChecksumCache, ShardRef, discover_shards
 from curation_platform.scoring.pipeline import ScoreParams
+from curation_platform.scoring.statistics import STATISTICS_MAX_ROWS
 from curation_platform.storage import S3Settings
 from curation_platform.teacher_quality import GATE_MODES, TeacherBar
 from curation_platform.teachers import TeacherSpec
 from curation_platform.training import TrainingConfig
 from curation_platform.validation import ValidationLimits
-
-SETTINGS_FILE = "curation.json"
-
 
 PROFILES = ("local", "production")
 
@@ -38,25 +37,10 @@ def profile() -> str:
     return name
 
 
-def project_home() -> str:
-    """``$CURATION_HOME``, else ``./curation_home`` (as the CLI resolves it)."""
-    home = os.environ.get("CURATION_HOME", "curation_home")
-    return home if storage.is_s3(home) else str(Path(home).resolve())
-
-
-def project_settings(home: str | None = None) -> dict:
-    """Optional ``<home>/curation.json``: per-project defaults (the demo writes its scoring parameters)."""
-    uri = storage.join(home or project_home(), SETTINGS_FILE)
-    s3 = S3Settings.from_env()
-    return json.loads(storage.read_bytes(uri, s3)) if storage.exists(uri, s3) else {}
-
-
 class PlatformResource(dg.ConfigurableResource):
-    """The pool to curate and the project home.
-
-    ``pool_uri`` defaults to ``$CURATION_POOL``, else the demo pool that ``curation-platform demo``
-    writes under the home; ``lancedb`` to ``$CURATION_LANCEDB``, else ``<home>/lancedb``.
-    """
+    """The pool to curate and the project home: every location comes from :attr:`layout`
+    (:class:`~curation_platform.layout.ProjectLayout`: these fields, then ``CURATION_*``, then the
+    folders under the home)."""
 
     home_uri: str | None = None
     pool_uri: str | None = None
@@ -69,15 +53,20 @@ class PlatformResource(dg.ConfigurableResource):
     max_quarantine_rate: float = 0.25
 
     @property
+    def layout(self) -> ProjectLayout:
+        return ProjectLayout.resolve(self.home_uri, pool=self.pool_uri, lancedb=self.lancedb, recipes=self.recipes_uri)
+
+    @property
     def home(self) -> str:
-        return self.home_uri or project_home()
+        return self.layout.home
 
     def check_profile(self) -> None:
         """In production every location is on S3: a local default there would strand data on one worker."""
         if profile() != "production":
             return
-        local = {name: uri for name, uri in (("CURATION_HOME", self.home), ("CURATION_POOL", self.pool),
-                                              ("CURATION_LANCEDB", self.lancedb_uri)) if not storage.is_s3(uri)}
+        layout = self.layout
+        local = {name: uri for name, uri in (("CURATION_HOME", layout.home), ("CURATION_POOL", layout.pool),
+                                              ("CURATION_LANCEDB", layout.lancedb)) if not storage.is_s3(uri)}
         if local:
             raise dg.Failure(f"CURATION_PROFILE=production needs s3:// locations; local: {local}")
 
@@ -86,32 +75,31 @@ class PlatformResource(dg.ConfigurableResource):
 
     @property
     def pool(self) -> str:
-        return self.pool_uri or os.environ.get("CURATION_POOL") or storage.join(self.home, "demo", "pool")
+        return self.layout.pool
 
     @property
     def validated_uri(self) -> str:
-        return storage.join(self.home, "validated")
+        return self.layout.validated
 
     @property
     def lancedb_uri(self) -> str:
-        return self.lancedb or os.environ.get("CURATION_LANCEDB") or storage.join(self.home, "lancedb")
+        return self.layout.lancedb
 
     @property
     def releases_uri(self) -> str:
-        return storage.join(self.home, "releases")
+        return self.layout.releases
 
     @property
     def recipes_dir(self) -> Path:
-        """Release recipes (local files: they are code, reviewed like code)."""
-        return Path(self.recipes_uri or os.environ.get("CURATION_RECIPES") or Path(self.home, "recipes"))
+        return self.layout.recipes
 
     @property
     def analysis_uri(self) -> str:
-        return storage.join(self.home, "analysis")
+        return self.layout.analysis
 
     @property
     def trained_teacher_uri(self) -> str:
-        return storage.join(self.home, "teacher")
+        return self.layout.teacher
 
     @property
     def s3(self) -> S3Settings:
@@ -129,7 +117,8 @@ class PlatformResource(dg.ConfigurableResource):
         return discover_shards(self.pool, s3=self.s3, checksum_cache=self._checksum_cache())
 
     def _checksum_cache(self) -> ChecksumCache | None:
-        return None if storage.is_s3(self.home) else ChecksumCache(Path(self.home, "state", "checksums.sqlite"))
+        path = self.layout.checksum_cache
+        return ChecksumCache(path) if path else None
 
     def shard(self, partition_key: str) -> ShardRef:
         """The shard behind a partition: addressed directly, scanning the pool only for odd names."""
@@ -172,11 +161,8 @@ class TeacherResource(dg.ConfigurableResource):
 
     def trusted_split(self, platform: PlatformResource) -> str:
         """Where the teacher learns (or, for a given teacher, is judged): see the class docstring."""
-        configured = self.train_on or os.environ.get("CURATION_TEACHER_TRAIN_ON")
-        if configured:
-            return configured
-        demo_reference = storage.join(platform.home, "demo", "reference")
-        return demo_reference if storage.exists(demo_reference, platform.s3) else platform.pool
+        layout = platform.layout
+        return replace(layout, reference_override=self.train_on or layout.reference_override).reference_split(platform.s3)
 
     def training_config(self) -> TrainingConfig:
         return TrainingConfig(epochs=self.epochs, precision=self.precision, threads=self.threads,
@@ -228,7 +214,7 @@ class ScoringResource(dg.ConfigurableResource):
     importance_scale: float = ScoreParams.importance_scale
     prompts: list[str] = []
     target_uri: str | None = None
-    statistics_max_rows: int = 2_000_000  # larger pools are analysed on a uniform uid sample of this size
+    statistics_max_rows: int = STATISTICS_MAX_ROWS
 
     def params(self) -> ScoreParams:
         return ScoreParams(
@@ -238,7 +224,5 @@ class ScoringResource(dg.ConfigurableResource):
         )
 
     def target(self, platform: PlatformResource) -> str | None:
-        if self.target_uri or os.environ.get("CURATION_TARGET"):
-            return self.target_uri or os.environ["CURATION_TARGET"]
-        demo_target = storage.join(platform.home, "demo", "target")
-        return demo_target if storage.exists(demo_target, platform.s3) else None
+        layout = platform.layout
+        return replace(layout, target_override=self.target_uri or layout.target_override).target(platform.s3)

@@ -1,9 +1,11 @@
-"""Hand-made shards for tests: exact control over every tar member and parquet row."""
+"""Hand-made shards for tests: exact control over every tar member and parquet row, and the crafted
+hostile shard (every kind of defect ingestion must account for) with the limits it is validated under."""
 
 from __future__ import annotations
 
 import io
 import json
+import os
 import struct
 import tarfile
 import zlib
@@ -13,6 +15,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
+
+from curation_platform.validation import ValidationLimits
 
 
 def jpeg_bytes(width: int = 64, height: int = 48, color: tuple[int, int, int] = (200, 30, 30)) -> bytes:
@@ -83,3 +87,36 @@ class ShardBuilder:
                             ("caption", pa.string()), ("status", pa.string()), ("error_message", pa.string())])
         pq.write_table(pa.Table.from_pylist(self.rows, schema=schema), directory / f"{self.name}.parquet")
         return directory
+
+
+UID = "0123456789abcdef0123456789abcdef"
+LIMITS = ValidationLimits(max_image_bytes=200_000, min_image_side=16)
+
+
+def hostile_shard(directory: Path) -> Path:
+    """Write the hostile shard ``00000`` into ``directory`` (returned): three good samples, every other
+    member or row one defect (unsafe paths and member types, a bomb, bad text, duplicates, missing halves)."""
+    b = ShardBuilder()
+    b.sample("000000000", "a red square on white", uid="a" * 32)
+    b.file("../../escaped.jpg", jpeg_bytes()).file("/tmp/absolute_escape.txt", b"pwned")
+    b.file("000000001.txt", b"a symlinked image").special("000000001.jpg", tarfile.SYMTYPE, "/etc/passwd").row("000000001")
+    b.file("000000002.txt", b"hard link").special("000000002.jpg", tarfile.LNKTYPE, "000000000.jpg").row("000000002")
+    b.special("000000003.jpg", tarfile.CHRTYPE).row("000000003")
+    b.special("000000004.jpg", tarfile.FIFOTYPE).row("000000004")
+    b.sample("000000005", "a decompression bomb", image=png_bomb_bytes())
+    b.sample("000000006", "a truncated jpeg", image=jpeg_bytes(128, 128)[:300])
+    b.sample("000000007", b"caption \xff\xfe not utf-8")
+    b.row("000000008").row("000000009", status="failed_to_download")  # parquet rows without members
+    b.sample("000000010", "first holder of the uid", uid=UID)
+    b.sample("000000011", "second holder of the uid", uid=UID)
+    b.sample("000000012", "a sample the parquet does not know", row=False)
+    b.sample("000000013", "an oversize image", image=os.urandom(300_000))
+    b.sample("000000014", "a tiny image", image=jpeg_bytes(8, 8))
+    b.sample("000000015", "   ")
+    b.sample("000000016", "bad uid", uid="not-a-uid")
+    b.file("000000017.jpg", jpeg_bytes()).file("000000017.txt", b"bad json").file("000000017.json", b"{oops").row("000000017")
+    b.file("README", b"no key.ext form")
+    b.file("000000018.txt", b"caption without an image").row("000000018")
+    b.sample("sub/000000019", "a good sample in a sub folder")
+    b.file("000000000.txt", b"the key of sample 0 again, after other keys")
+    return b.write(directory)

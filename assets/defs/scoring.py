@@ -7,45 +7,39 @@ scores stale (their data versions change) and automation rescores them.
 """
 
 import base64
-import tempfile
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import dagster as dg
 import polars as pl
 import pyarrow.parquet as pq
 
 from curation_platform import storage
-from curation_platform.analysis import write_pool_analysis
-from curation_platform.ingest import read_captions
 from curation_platform.quality import scores_suite, statistics_suite
 from curation_platform.scoring.pipeline import (
     REFERENCE_TABLE,
-    SCORE_COLUMNS,
     SCORE_VERSION,
     TARGET_TABLE,
     load_set,
     prompt_column,
     save_set,
     score_schema,
-    uid_sample_bound,
 )
 from curation_platform.scoring.run import (
-    count_scores,
     draw_pool_reference,
     embed_target,
     read_scores,
     score_shard,
     scoring_context,
 )
+from curation_platform.scoring.statistics import analyse_pool, summary_uri
 from curation_platform.teachers import load_teacher
-from curation_platform_dagster.automation import on_statistics_cron, once_available, per_shard
-from curation_platform_dagster.embeddings import embeddings
-from curation_platform_dagster.ingestion import shard_partitions
-from curation_platform_dagster.quality import check_result
-from curation_platform_dagster.resources import PlatformResource, ScoringResource, TeacherResource
-from curation_platform_dagster.teachers import teacher
+from curation_platform_dagster.defs.automation import on_statistics_cron, once_available, per_shard
+from curation_platform_dagster.defs.embeddings import embeddings
+from curation_platform_dagster.defs.ingestion import shard_partitions
+from curation_platform_dagster.defs.quality import check_result
+from curation_platform_dagster.defs.resources import PlatformResource, ScoringResource, TeacherResource
+from curation_platform_dagster.defs.teachers import teacher
 
 ALL_SHARDS = dg.AllPartitionMapping()
 
@@ -195,8 +189,8 @@ def _markdown_table(frame: pl.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def _png_markdown(path: Path) -> str:
-    return f"![{path.stem}](data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()})"
+def _png_markdown(name: str, png: bytes) -> str:
+    return f"![{name.removesuffix('_png')}](data:image/png;base64,{base64.b64encode(png).decode()})"
 
 
 @dg.asset(
@@ -210,32 +204,21 @@ def _png_markdown(path: Path) -> str:
 def score_statistics(context: dg.AssetExecutionContext, platform: PlatformResource,
                      scoring: ScoringResource) -> dg.MaterializeResult:
     teacher_id = teacher_id_of(context)
-    shards = set(context.instance.get_dynamic_partitions(shard_partitions.name))
-    pool_rows = count_scores(platform.lancedb_uri, teacher_id, platform.s3)
-    uid_below = uid_sample_bound(pool_rows, scoring.statistics_max_rows)
-    scores = pl.from_arrow(read_scores(platform.lancedb_uri, teacher_id, platform.s3,
-                                       columns=["uid", "shard", "reference_id", *SCORE_COLUMNS],
-                                       uid_below=uid_below)).filter(pl.col("shard").is_in(sorted(shards)))
-    columns = [name for name in SCORE_COLUMNS if scores[name].is_not_nan().any()]
-    captions = pl.from_arrow(read_captions(platform.validated_uri, platform.s3, uid_below))
-    with tempfile.TemporaryDirectory() as scratch:
-        written = write_pool_analysis(scores, columns, scratch, captions)
-        summary = pl.read_parquet(written["summary"])
-        plots = {name: _png_markdown(path) for name, path in written.items() if name.endswith("_png")}
-        for path in written.values():
-            storage.write_bytes_atomic(storage.join(platform.analysis_uri, path.name), path.read_bytes(), platform.s3)
+    analysis = analyse_pool(platform.lancedb_uri, teacher_id, platform.analysis_uri,
+                            validated_uri=platform.validated_uri,
+                            shards=context.instance.get_dynamic_partitions(shard_partitions.name),
+                            max_rows=scoring.statistics_max_rows, s3=platform.s3)
     return dg.MaterializeResult(
         metadata={
             "teacher_id": teacher_id,
-            "dagster/row_count": pool_rows,
-            "rows_analysed": scores.height,
-            "sample": "every row" if uid_below is None else f"uid < {uid_below!r} (uniform, at most "
-                                                             f"{scoring.statistics_max_rows:,} rows)",
-            "shards": scores["shard"].n_unique(),
-            "reference_ids": dg.MetadataValue.json(sorted(scores["reference_id"].unique().to_list())),
-            "summary": dg.MetadataValue.md(_markdown_table(summary)),
+            "dagster/row_count": analysis.pool_rows,
+            "rows_analysed": analysis.rows_analysed,
+            "sample": analysis.describe_sample(scoring.statistics_max_rows),
+            "shards": analysis.shards,
+            "reference_ids": dg.MetadataValue.json(analysis.reference_ids),
+            "summary": dg.MetadataValue.md(_markdown_table(analysis.summary)),
             "analysis_uri": dg.MetadataValue.path(platform.analysis_uri),
-            **{name: dg.MetadataValue.md(markdown) for name, markdown in plots.items()},
+            **{name: dg.MetadataValue.md(_png_markdown(name, png)) for name, png in analysis.plots.items()},
         },
     )
 
@@ -243,6 +226,5 @@ def score_statistics(context: dg.AssetExecutionContext, platform: PlatformResour
 @dg.asset_check(asset=score_statistics, blocking=True,
                 description="Great Expectations: every score has values, no NaN, std >= 0, min <= mean <= max.")
 def statistics_are_sane(platform: PlatformResource) -> dg.AssetCheckResult:
-    summary_uri = storage.join(platform.analysis_uri, "summary.parquet")
-    filesystem, path = storage.filesystem_for(summary_uri, platform.s3)
+    filesystem, path = storage.filesystem_for(summary_uri(platform.analysis_uri), platform.s3)
     return check_result(statistics_suite(pq.read_table(path, filesystem=filesystem)))

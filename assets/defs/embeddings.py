@@ -7,11 +7,11 @@ from curation_platform.embedding.sinks import LanceSink, embedding_schema
 from curation_platform.ingest import read_accepted
 from curation_platform.quality import embeddings_suite
 from curation_platform.teachers import load_teacher
-from curation_platform_dagster.automation import per_shard
-from curation_platform_dagster.ingestion import shard_partitions, validated_samples
-from curation_platform_dagster.quality import check_result
-from curation_platform_dagster.resources import PlatformResource, TeacherResource
-from curation_platform_dagster.teachers import require_passed_gate, teacher
+from curation_platform_dagster.defs.automation import per_shard
+from curation_platform_dagster.defs.ingestion import shard_partitions, validated_samples
+from curation_platform_dagster.defs.quality import check_result
+from curation_platform_dagster.defs.resources import PlatformResource, TeacherResource
+from curation_platform_dagster.defs.teachers import require_passed_gate, teacher
 
 
 @dg.asset(

@@ -6,10 +6,10 @@ import dagster as dg
 import pyarrow.parquet as pq
 
 from curation_platform import storage
-from curation_platform.ingest import ingest_shard, make_executor, output_paths, write_ingestion
+from curation_platform.ingest import ingest_shard, make_executor, write_ingestion
 from curation_platform.quality import quarantine_suite, validated_samples_suite
-from curation_platform_dagster.quality import check_result
-from curation_platform_dagster.resources import PlatformResource
+from curation_platform_dagster.defs.quality import check_result
+from curation_platform_dagster.defs.resources import PlatformResource
 
 shard_partitions = dg.DynamicPartitionsDefinition(name="shards")
 
@@ -54,7 +54,7 @@ def validated_samples(context: dg.AssetExecutionContext, platform: PlatformResou
 
 
 def _report(platform: PlatformResource, partition_key: str) -> dict:
-    uri = output_paths(platform.validated_uri, platform.shard(partition_key).name)["report"]
+    uri = platform.layout.shard_outputs(platform.shard(partition_key).name).report
     return json.loads(storage.read_bytes(uri, platform.s3))
 
 
@@ -80,12 +80,12 @@ def shard_reconciles(context: dg.AssetCheckExecutionContext, platform: PlatformR
                             "validation limits, unique well-formed uids; known quarantine reason codes.")
 def samples_meet_expectations(context: dg.AssetCheckExecutionContext,
                               platform: PlatformResource) -> dg.AssetCheckResult:
-    paths = output_paths(platform.validated_uri, platform.shard(context.partition_key).name)
+    outputs = platform.layout.shard_outputs(platform.shard(context.partition_key).name)
     limits = platform.limits
     return check_result(
-        validated_samples_suite(_read(paths["samples"], platform), limits.min_image_side, limits.max_pixels,
+        validated_samples_suite(_read(outputs.samples, platform), limits.min_image_side, limits.max_pixels,
                                 limits.max_caption_chars),
-        quarantine_suite(_read(paths["quarantine"], platform)),
+        quarantine_suite(_read(outputs.quarantine, platform)),
     )
 
 

@@ -7,8 +7,8 @@ import dagster as dg
 from curation_platform.teacher_quality import judge_teacher
 from curation_platform.teachers import load_teacher
 from curation_platform.training import TrainingTimeLimitExceeded, train_teacher
-from curation_platform_dagster.automation import once_available
-from curation_platform_dagster.resources import PlatformResource, TeacherResource
+from curation_platform_dagster.defs.automation import once_available
+from curation_platform_dagster.defs.resources import PlatformResource, TeacherResource
 
 TrainingProgress = Callable[[dict], None]
 LOGGED_STAGES = ("data", "epoch", "saved")

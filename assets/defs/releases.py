@@ -8,8 +8,8 @@ import polars as pl
 
 from curation_platform import storage
 from curation_platform.releases import Recipe, ReleaseOptions, ReleaseSources, create_release, load_recipe
-from curation_platform_dagster.resources import PlatformResource
-from curation_platform_dagster.scoring import score_statistics, teacher_id_of
+from curation_platform_dagster.defs.resources import PlatformResource
+from curation_platform_dagster.defs.scoring import score_statistics, teacher_id_of
 
 RECIPE_SUFFIXES = (".toml", ".yaml", ".yml")
 
@@ -23,7 +23,7 @@ def load_recipes(folder: Path) -> list[Recipe]:
 
 def _evaluation_labels(platform: PlatformResource) -> pl.DataFrame | None:
     """The demo's ground truth, shown in the report only (selection never sees it)."""
-    truth = storage.join(platform.home, "demo", "ground_truth.parquet")
+    truth = platform.layout.demo_ground_truth
     if storage.is_s3(truth) or not Path(truth).exists():
         return None
     return pl.read_parquet(truth).select("uid", pl.col("corruption").alias("label"))

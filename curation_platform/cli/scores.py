@@ -1,0 +1,76 @@
+"""``score``: every score of SCORES.md for an embedded pool, and optionally the pool's analysis."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import click
+from tqdm import tqdm
+
+from curation_platform.cli.group import main, stack
+from curation_platform.cli.teachers import teacher_options, teacher_spec
+
+
+def _score(lance_uri: str, spec, target_uri: str | None, params, analysis_dir: Path | None,
+           validated_uri: str | None = None) -> None:
+    from curation_platform.embedding.engine import EmbedConfig
+    from curation_platform.scoring.run import build_context, embed_target, score_pool
+    from curation_platform.teachers import load_teacher
+
+    teacher = load_teacher(spec)
+    target = embed_target(teacher, target_uri, EmbedConfig()) if target_uri else None
+    context = build_context(teacher, lance_uri, params, target)
+    described = context.describe()
+    click.echo(f"reference {described['reference_id']} (N = {described['reference_size']}), "
+               f"target {described['target_id']} (|T| = {described['target_size']}), "
+               f"negCLIPLoss B = {described['neg_clip_batch_size_effective']}, K = {params.neg_clip_repeats}")
+    started = time.perf_counter()
+    with tqdm(desc="scoring", unit="shard", file=sys.stderr) as bar:
+        results = score_pool(context, lance_uri, on_shard=lambda _: bar.update())
+    rows = sum(result.rows for result in results)
+    click.echo(f"scored {rows} samples of {len(results)} shards in {time.perf_counter() - started:.1f} s "
+               f"into {lance_uri}/scores")
+    if analysis_dir:
+        _analyse(lance_uri, teacher.teacher_id, analysis_dir, validated_uri)
+
+
+def _analyse(lance_uri: str, teacher_id: str, out: Path, validated_uri: str | None) -> None:
+    from curation_platform.scoring.statistics import analyse_pool
+
+    analysis = analyse_pool(lance_uri, teacher_id, str(out), validated_uri=validated_uri)
+    click.echo("analysis: " + ", ".join(uri for name, uri in analysis.written.items() if name.endswith("_png")))
+
+
+_score_options = stack([
+    click.option("--target", "target_uri", default=None,
+                 help="NormSim target: webdataset shards (local or s3://) or a local folder of images."),
+    click.option("--reference-size", type=int, default=25_000, show_default=True,
+                 help="N pairs drawn uniformly from the pool as the marginal reference."),
+    click.option("--reference-seed", type=int, default=0, show_default=True, help="Seed of the reference draw."),
+    click.option("--batch-size", "neg_clip_batch_size", type=int, default=32_768, show_default=True,
+                 help="negCLIPLoss batch size B (mates from the reference)."),
+    click.option("--repeats", type=int, default=10, show_default=True, help="negCLIPLoss repetitions K."),
+    click.option("--prompt", "prompts", multiple=True, help="Domain prompt for importance weights (repeatable)."),
+])
+
+
+@main.command()
+@click.option("--lance", "lance_uri", required=True, help="LanceDB database holding the embeddings.")
+@teacher_options
+@_score_options
+@click.option("--analysis", "analysis_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Write score histograms and correlations (PNG + parquet) here.")
+@click.option("--validated", "validated_uri", default=None,
+              help="Validated samples (local) for captions: adds KL-decile n-gram coverage to --analysis.")
+def score(lance_uri: str, teacher_checkpoint: str | None, arch: str | None, pretrained: str | None,
+          target_uri: str | None, reference_size: int, reference_seed: int, neg_clip_batch_size: int, repeats: int,
+          prompts: tuple[str, ...], analysis_dir: Path | None, validated_uri: str | None) -> None:
+    """Score every embedded shard (all of SCORES.md) against one stored reference sample and target."""
+    from curation_platform.scoring.pipeline import ScoreParams
+
+    params = ScoreParams(reference_size=reference_size, reference_seed=reference_seed,
+                         neg_clip_batch_size=neg_clip_batch_size, neg_clip_repeats=repeats, prompts=prompts)
+    _score(lance_uri, teacher_spec(teacher_checkpoint, arch, pretrained), target_uri, params, analysis_dir,
+           validated_uri)

@@ -1,0 +1,144 @@
+"""Teacher commands: ``train-teacher`` (with per-step progress) and ``embed`` (a pool into LanceDB)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import replace
+
+import click
+from tqdm import tqdm
+
+from curation_platform.cli.group import main, stack
+from curation_platform.cli.pool import discover_with_progress
+from curation_platform.layout import ProjectLayout
+from curation_platform.precision import PRECISIONS
+
+teacher_options = stack([
+    click.option("--teacher", "teacher_checkpoint", default=None,
+                 help="Teacher directory or checkpoint file (local or s3://), e.g. one train-teacher wrote."),
+    click.option("--arch", default=None, help="open_clip architecture (with --pretrained or a checkpoint file)."),
+    click.option("--pretrained", default=None, help="open_clip pretrained tag, e.g. openai (needs hub access)."),
+])
+
+
+def teacher_spec(teacher_checkpoint: str | None, arch: str | None, pretrained: str | None):
+    from curation_platform.teachers import TeacherSpec
+
+    try:
+        return TeacherSpec(architecture=arch, pretrained=pretrained, checkpoint=teacher_checkpoint)
+    except ValueError as error:
+        raise click.UsageError(str(error)) from error
+
+
+def _embed(pool_uri: str, validated_uri: str, lance_uri: str, table: str, spec, device: str, batch_size: int,
+           workers: int, layout: ProjectLayout | None) -> None:
+    from curation_platform.embedding.engine import EmbedConfig, embed_shards
+    from curation_platform.embedding.sinks import LanceSink
+    from curation_platform.ingest import read_accepted
+    from curation_platform.teachers import load_teacher
+
+    config = EmbedConfig(device=device, batch_size=batch_size, workers=workers)
+    teacher = load_teacher(spec, device=config.resolved_device())
+    click.echo(f"teacher {teacher.teacher_id}: {teacher.spec.describe()}, a = {teacher.logit_scale:.1f}")
+    sink = LanceSink(lance_uri, table=table)
+    jobs = [(shard, read_accepted(validated_uri, shard)) for shard in discover_with_progress(pool_uri, layout)]
+    started = time.perf_counter()
+    with tqdm(total=sum(samples.num_rows for _, samples in jobs), desc="embedding", unit="pair",
+              file=sys.stderr) as bar:
+        embed_shards(teacher, jobs, sink, config, on_shard=lambda report: bar.update(report.rows))
+    rows = sum(samples.num_rows for _, samples in jobs)
+    seconds = time.perf_counter() - started
+    click.echo(f"embedded {rows} pairs of {len(jobs)} shards into {lance_uri}/{table} in {seconds:.1f} s "
+               f"({rows / max(seconds, 1e-9):.0f} pairs/s on {config.resolved_device()})")
+
+
+@main.command()
+@click.argument("pool_uri")
+@click.option("--validated", "validated_uri", required=True, help="Where `ingest --out` wrote validated samples.")
+@click.option("--lance", "lance_uri", required=True, help="LanceDB database (local path or s3:// URI).")
+@click.option("--table", default="embeddings", show_default=True, help="LanceDB table name.")
+@teacher_options
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--batch-size", type=int, default=256, show_default=True, help="Pairs per forward pass.")
+@click.option("--workers", type=int, default=2, show_default=True, help="Decode/tokenize worker processes.")
+def embed(pool_uri: str, validated_uri: str, lance_uri: str, table: str, teacher_checkpoint: str | None,
+          arch: str | None, pretrained: str | None, device: str, batch_size: int, workers: int) -> None:
+    """Embed every validated shard of a pool with a teacher into LanceDB (idempotent per shard)."""
+    _embed(pool_uri, validated_uri, lance_uri, table, teacher_spec(teacher_checkpoint, arch, pretrained),
+           device, batch_size, workers, None)
+
+
+
+class TrainingBar:
+    """Per-step progress of a teacher's training on stderr: steps, loss, steps/s and time left."""
+
+    def __init__(self) -> None:
+        self.bar: tqdm | None = None
+
+    def __call__(self, event: dict) -> None:
+        stage = event.get("stage")
+        if stage == "data":
+            click.echo(f"training the teacher: {event['train']:,} pairs ({event['held_out']:,} held out), "
+                       f"{event['total_steps']} steps, {event['precision']} on this CPU", err=True)
+            self.bar = tqdm(total=event["total_steps"], desc="training teacher", unit="step", file=sys.stderr)
+        elif stage == "step" and self.bar is not None:
+            self.bar.update(event["step"] - self.bar.n)
+            self.bar.set_postfix(loss=f"{event['loss']:.3f}", epoch=event["epoch"], refresh=False)
+        elif stage == "saved" and self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+training_options = stack([
+    click.option("--epochs", type=int, default=None, help="Training epochs (default: TrainingConfig's, 15)."),
+    click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
+                 help="Autocast of training steps: auto is bf16 where the CPU has native bf16 (AVX512-BF16/AMX), "
+                      "else fp32."),
+    click.option("--threads", type=int, default=None,
+                 help="torch threads for training (default 2; part of what makes the weights reproducible)."),
+    click.option("--max-seconds", type=float, default=None,
+                 help="Fail (and publish nothing) if training would take longer than this."),
+])
+
+
+def training_overrides(epochs: int | None, precision: str, threads: int | None,
+                        max_seconds: float | None) -> dict:
+    """TeacherResource / TrainingConfig fields the user set on the command line."""
+    chosen = {"epochs": epochs, "threads": threads, "max_seconds": max_seconds}
+    return {"precision": precision} | {name: value for name, value in chosen.items() if value is not None}
+
+
+@main.command("train-teacher")
+@click.argument("reference_uri")
+@click.option("--out", "out_uri", required=True, help="Teacher directory to write (local path or s3:// URI).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of initialisation, split and order.")
+@training_options
+def train_teacher_command(reference_uri: str, out_uri: str, seed: int, epochs: int | None, precision: str,
+                          threads: int | None, max_seconds: float | None) -> None:
+    """Train a small CLIP teacher on a trusted reference split (the data-filtering-network idea).
+
+    Training runs a fixed number of steps: the same split, options and seed give the same weights on
+    any machine of the same CPU capability, however loaded. Exit status 1 when the teacher misses the
+    quality bar (it is still written, for inspection).
+    """
+    from curation_platform.teacher_quality import TeacherBar
+    from curation_platform.training import TrainingConfig, TrainingTimeLimitExceeded, train_teacher
+
+    config = replace(TrainingConfig(seed=seed), **training_overrides(epochs, precision, threads, max_seconds))
+    try:
+        report = train_teacher(reference_uri, out_uri, config, progress=TrainingBar())
+    except TrainingTimeLimitExceeded as error:
+        raise click.ClickException(str(error)) from error
+    metrics = report.held_out
+    click.echo(f"teacher {report.teacher_id} written to {out_uri} in {report.seconds_total:.0f} s "
+               f"({report.samples_train} training pairs, {report.steps} steps, {report.precision}, "
+               f"CPU {report.cpu['cpu_capability']})")
+    click.echo(f"held-out retrieval on {metrics.samples} pairs: image->text R@1 {metrics.i2t_recall_at_1:.3f} "
+               f"R@5 {metrics.i2t_recall_at_5:.3f}, text->image R@1 {metrics.t2i_recall_at_1:.3f} "
+               f"R@5 {metrics.t2i_recall_at_5:.3f} (chance {metrics.chance_at_1:.4f} / {metrics.chance_at_5:.4f})")
+    shortfalls = TeacherBar().shortfalls(metrics)
+    if shortfalls:
+        click.echo("BELOW THE QUALITY BAR: " + "; ".join(shortfalls) + ". More clean pairs, more epochs or a "
+                   "pretrained teacher; the pipeline will refuse to embed with this one.", err=True)
+        sys.exit(1)

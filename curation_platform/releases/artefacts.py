@@ -1,0 +1,129 @@
+"""The files of a release folder and how it becomes visible: the file names, DataComp's ``subset.npy``
+encoding of uids (:func:`subset_array`, :func:`subset_uids`), parquet and npy bytes, ``SHA256SUMS``
+over a staged folder, publishing a staged folder as ``<name>/<version>`` in one step (locally one
+``rename``; on S3 ``SHA256SUMS`` written last, and versions without it are not releases), the
+published versions of a name, and the git commit a release was made from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+import subprocess
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from curation_platform import storage
+from curation_platform.storage import S3Settings
+
+MANIFEST = "manifest.json"
+SAMPLES = "samples.parquet"
+SUBSET = "subset.npy"
+CHECKSUMS = "SHA256SUMS"
+EXCLUDED = "excluded_uids.txt"
+
+
+# -- subset.npy ---------------------------------------------------------------------------------
+
+_NIBBLE = np.full(256, 255, np.uint8)
+_NIBBLE[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16)
+_NIBBLE[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16)
+
+
+def subset_array(uids: list[str]) -> np.ndarray:
+    """DataComp's subset: sorted ``(int(uid[:16], 16), int(uid[16:32], 16))`` pairs, dtype ``u8,u8``.
+
+    Decoded in numpy (a lookup table over the uids' ASCII bytes), not per uid in Python.
+    """
+    chars = np.frombuffer(np.asarray(uids, dtype="S33").tobytes(), np.uint8).reshape(len(uids), 33)
+    nibbles = _NIBBLE[chars[:, :32]]
+    if (nibbles == 255).any() or chars[:, 32].any():
+        raise ValueError("DataComp subsets need uids of exactly 32 hexadecimal digits")
+    halves = np.ascontiguousarray((nibbles[:, 0::2] << 4) | nibbles[:, 1::2]).view(">u8")
+    pairs = np.empty(len(uids), dtype=np.dtype("u8,u8"))
+    pairs["f0"], pairs["f1"] = halves[:, 0], halves[:, 1]
+    pairs.sort(order=["f0", "f1"])
+    return pairs
+
+
+def subset_uids(subset: np.ndarray) -> list[str]:
+    """The inverse of :func:`subset_array`."""
+    return [f"{int(high):016x}{int(low):016x}" for high, low in subset.tolist()]
+
+
+# -- file contents ------------------------------------------------------------------------------
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue()
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    sink = io.BytesIO()
+    np.save(sink, array, allow_pickle=False)
+    return sink.getvalue()
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _write_checksums(staging: Path) -> None:
+    lines = [f"{_sha256(path.read_bytes())}  {path.relative_to(staging).as_posix()}"
+             for path in sorted(staging.rglob("*")) if path.is_file() and path.name != CHECKSUMS]
+    (staging / CHECKSUMS).write_text("\n".join(lines) + "\n")
+
+
+def _git_commit() -> str | None:
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() or None
+
+
+# -- the release folder -------------------------------------------------------------------------
+
+def versions_of(releases_uri: str, name: str, s3: S3Settings | None = None) -> list[int]:
+    """Published versions of a release name (folders with SHA256SUMS), ascending."""
+    base = storage.join(releases_uri, name)
+    found = []
+    for entry in storage.list_dirs(base, s3):
+        if entry.isdigit() and storage.exists(storage.join(base, entry, CHECKSUMS), s3):
+            found.append(int(entry))
+    return sorted(found)
+
+
+def _next_version(releases_uri: str, name: str, s3: S3Settings | None) -> int:
+    taken = [int(entry) for entry in storage.list_dirs(storage.join(releases_uri, name), s3) if entry.isdigit()]
+    return max(taken, default=0) + 1
+
+
+def _publish(staging: Path, releases_uri: str, name: str, version: int, s3: S3Settings | None) -> str:
+    """Make the staged folder visible in one step (local rename; on S3, SHA256SUMS written last)."""
+    final = storage.join(releases_uri, name, str(version))
+    if storage.exists(storage.join(final, CHECKSUMS), s3):
+        raise FileExistsError(f"release {name}/{version} exists and is never overwritten")
+    if not storage.is_s3(releases_uri):
+        parent = Path(final).parent
+        parent.mkdir(parents=True, exist_ok=True)
+        hidden = parent / f".staging-{version}-{uuid.uuid4().hex}"
+        shutil.copytree(staging, hidden)
+        try:
+            os.rename(hidden, final)  # fails on an existing non-empty folder: never overwrites
+        except OSError as error:
+            shutil.rmtree(hidden, ignore_errors=True)
+            raise FileExistsError(f"release {name}/{version} appeared meanwhile") from error
+        return str(Path(final).resolve())
+    files = sorted(path for path in staging.rglob("*") if path.is_file())
+    for path in sorted(files, key=lambda path: path.name == CHECKSUMS):
+        storage.write_bytes_atomic(storage.join(final, *path.relative_to(staging).parts), path.read_bytes(), s3)
+    return final

@@ -1,0 +1,181 @@
+"""What a release reads, at pinned versions: where from (:class:`ReleaseSources`), which LanceDB table
+versions (:func:`table_versions`, pinned with ``release-<name>-<version>`` tags by :func:`_pin` so
+version cleanup cannot remove them), the score provenance every score row must share, the pool frame a
+recipe selects from (scores joined with the validated sample metadata, :func:`pool_frame`,
+:func:`selection_frame`), and the input shards with the checksums they were validated from.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.dataset as ds
+
+from curation_platform import lance_tables, storage
+from curation_platform.embedding.sinks import EMBEDDINGS_TABLE
+from curation_platform.layout import ShardOutputs
+from curation_platform.releases.recipe import Recipe, RecipeError
+from curation_platform.scoring.pipeline import REFERENCE_TABLE, SCORES_TABLE, TARGET_TABLE, score_filter
+from curation_platform.storage import S3Settings
+
+# the validated sample metadata (``samples/`` parquet) a pool frame joins onto the score rows
+VALIDATED_SAMPLE_COLUMNS = ("uid", "key", "shard", "shard_id", "caption", "language", "caption_words",
+                            "caption_chars", "width", "height", "aspect_ratio", "image_offset", "image_bytes")
+TABLES = (SCORES_TABLE, REFERENCE_TABLE, TARGET_TABLE, EMBEDDINGS_TABLE)  # every table a release reads
+REPORT_READERS = 32  # concurrent reads of per-shard validation reports
+REPORT_MAX_ROWS = 2_000_000  # larger pools are drawn in the report from a uniform uid sample of this size
+
+
+@dataclass(frozen=True)
+class ReleaseSources:
+    """Where a release reads from: the score tables of one teacher and the validated samples."""
+
+    lance_uri: str
+    validated_uri: str
+    teacher_id: str
+    pool_uri: str | None = None  # for example images in the report
+    s3: S3Settings | None = field(default=None, compare=False)
+
+    def describe(self) -> dict[str, Any]:
+        return {"lance_uri": self.lance_uri, "validated_uri": self.validated_uri, "teacher_id": self.teacher_id,
+                "pool_uri": self.pool_uri}
+
+
+# -- pinned table versions ----------------------------------------------------------------------
+
+def table_versions(sources: ReleaseSources) -> dict[str, int]:
+    """The current version of every table a release reads (those that exist)."""
+    database = lance_tables.connect(sources.lance_uri, sources.s3)
+    names = set(database.list_tables().tables)
+    return {name: database.open_table(name).version for name in TABLES if name in names}
+
+
+def _tag(name: str, version: int) -> str:
+    return f"release-{name}-{version}"
+
+
+def _pin(sources: ReleaseSources, versions: dict[str, int], name: str, version: int) -> None:
+    """Tag every table version the release read, so version cleanup cannot remove them."""
+    database = lance_tables.connect(sources.lance_uri, sources.s3)
+    tag = _tag(name, version)
+    for table_name, table_version in versions.items():
+        tags = database.open_table(table_name).tags
+        existing = tags.list().get(tag)
+        if existing is not None and existing["version"] != table_version:
+            tags.delete(tag)  # left by an attempt that crashed before publishing
+        if existing is None or existing["version"] != table_version:
+            tags.create(tag, table_version)
+
+
+# -- score provenance ---------------------------------------------------------------------------
+
+SCORE_PROVENANCE = ("score_version", "score_params", "reference_id", "target_id")
+
+
+def _scores_at(sources: ReleaseSources, versions: dict[str, int]) -> Any:
+    table = lance_tables.connect(sources.lance_uri, sources.s3).open_table(SCORES_TABLE)
+    table.checkout(versions[SCORES_TABLE])
+    return table.to_lance()
+
+
+def score_provenance(sources: ReleaseSources, versions: dict[str, int]) -> dict[str, Any]:
+    """The score version, parameters, reference and target that every one of the teacher's score rows
+    was computed with, read batch by batch; a table that mixes them cannot be released from."""
+    scanner = _scores_at(sources, versions).scanner(columns=list(SCORE_PROVENANCE),
+                                                    filter=score_filter(sources.teacher_id))
+    seen: set[tuple] = set()
+    for batch in scanner.to_batches():
+        distinct = pa.Table.from_batches([batch]).group_by(list(SCORE_PROVENANCE)).aggregate([])
+        seen.update(tuple(row[name] for name in SCORE_PROVENANCE) for row in distinct.to_pylist())
+    if not seen:
+        raise RecipeError(f"no scores of teacher {sources.teacher_id} in {sources.lance_uri}")
+    if len(seen) > 1:
+        mixed = [name for index, name in enumerate(SCORE_PROVENANCE) if len({combo[index] for combo in seen}) > 1]
+        raise RecipeError(f"the score rows of teacher {sources.teacher_id} differ in {mixed}: re-score the stale "
+                          "shards against the current reference and target before releasing")
+    (values,) = seen
+    provenance = dict(zip(SCORE_PROVENANCE, values))
+    provenance["score_params"] = json.loads(provenance["score_params"])
+    return provenance
+
+
+# -- the pool frame -----------------------------------------------------------------------------
+
+def _frame_of(batches: Any, schema: pa.Schema, columns: list[str]) -> pl.DataFrame:
+    """Arrow batches into one polars frame, converting batch by batch so Arrow copies stay one batch large."""
+    frames = [pl.from_arrow(batch) for batch in batches if batch.num_rows]
+    if not frames:
+        return pl.from_arrow(schema.empty_table().select(columns))
+    return pl.concat(frames, rechunk=False)
+
+
+def pool_frame(sources: ReleaseSources, versions: dict[str, int], columns: Sequence[str] | None = None,
+               uid_below: str | None = None) -> pl.DataFrame:
+    """One row per scored sample of the teacher at the given table versions, joined with its metadata,
+    sorted by uid.
+
+    ``columns`` (besides uid, shard, key and shard_id, always read) projects the score and sample
+    columns, so a selection holds only what its recipe reads; ``uid_below`` reads a uniform sample
+    (:func:`curation_platform.scoring.pipeline.uid_sample_bound`). The per-table constants come from
+    :func:`score_provenance`. Memory per row: BENCHMARKS.md, "Pool-wide steps".
+    """
+    dataset = _scores_at(sources, versions)
+    score_columns = [name for name in dataset.schema.names
+                     if name not in ("row_key", "teacher_id", *SCORE_PROVENANCE)
+                     and (columns is None or name in ("uid", "shard", *columns))]
+    condition = score_filter(sources.teacher_id, uid_below=uid_below)
+    scores = _frame_of(dataset.to_batches(columns=score_columns, filter=condition), dataset.schema,
+                       score_columns).sort("uid")
+    if scores.height == 0 and uid_below is None:
+        raise RecipeError(f"no scores of teacher {sources.teacher_id} in {sources.lance_uri}")
+    filesystem, local = storage.filesystem_for(ShardOutputs.samples_root(sources.validated_uri), sources.s3)
+    parquet = ds.dataset(local, filesystem=filesystem, format="parquet")
+    sample_columns = ["uid", *(name for name in VALIDATED_SAMPLE_COLUMNS if name not in score_columns
+                               and (columns is None or name in ("key", "shard_id", *columns)))]
+    samples = _frame_of(parquet.to_batches(columns=sample_columns, filter=None if uid_below is None
+                                           else ds.field("uid") < uid_below), parquet.schema, sample_columns)
+    frame = scores.join(samples, on="uid", how="inner", maintain_order="left")
+    if frame.height != scores.height:
+        raise RecipeError(f"{scores.height - frame.height} scored samples have no validated metadata in "
+                          f"{sources.validated_uri}: re-ingest or re-score")
+    return frame
+
+
+def available_columns(sources: ReleaseSources, versions: dict[str, int]) -> list[str]:
+    """Every score column of the table version and every sample column a recipe may name."""
+    return [*_scores_at(sources, versions).schema.names, *VALIDATED_SAMPLE_COLUMNS]
+
+
+def selection_frame(recipe: Recipe, sources: ReleaseSources, versions: dict[str, int]) -> pl.DataFrame:
+    """The pool frame a recipe selects from, after checking that every column it names exists.
+
+    Pools up to :data:`REPORT_MAX_ROWS` are read whole, once, and the report draws on the same frame;
+    larger ones with only the recipe's columns (the report then reads its own uid sample).
+    """
+    available = available_columns(sources, versions)
+    recipe.check_columns(available, [name for name in available if name.startswith("iw_")])
+    rows = _scores_at(sources, versions).count_rows(filter=score_filter(sources.teacher_id))
+    return pool_frame(sources, versions, None if rows <= REPORT_MAX_ROWS else recipe.scores_used())
+
+
+def _input_shards(frame: pl.DataFrame, sources: ReleaseSources) -> list[dict[str, Any]]:
+    """Each input shard with the content checksum it was validated from (reports read concurrently:
+    one object-store round trip each, 128,000 of them at 1.28B samples)."""
+    shards = frame.group_by("shard", "shard_id").agg(pl.len().alias("samples")).sort("shard")
+
+    def checksum(shard: str) -> str | None:
+        report_uri = ShardOutputs.of(sources.validated_uri, shard).report
+        if not storage.exists(report_uri, sources.s3):
+            return None
+        return json.loads(storage.read_bytes(report_uri, sources.s3)).get("checksum")
+
+    with ThreadPoolExecutor(max_workers=REPORT_READERS) as pool:
+        checksums = list(pool.map(checksum, shards["shard"].to_list()))
+    return [{"shard": shard, "shard_id": shard_id, "checksum": value, "samples": samples}
+            for (shard, shard_id, samples), value in zip(shards.iter_rows(), checksums)]
