@@ -15,6 +15,7 @@ path                   what it holds                               override
 ``releases/``          immutable releases ``name/version/``        --
 ``recipes/``           release recipes (local: reviewed as code)   ``CURATION_RECIPES``
 ``analysis/``          pool score statistics and plots             --
+``evaluations/``       evaluation records, run cache, leaderboard  --
 ``teacher/``           the platform-trained teacher                --
 ``state/``             caches (shard checksums)                    --
 ``<tool>/``            an orchestrator's run records               --
@@ -135,6 +136,11 @@ class ProjectLayout:
         return self._under("analysis")
 
     @property
+    def evaluations(self) -> str:
+        """Evaluation records (``<release_id>/<version>/``), the run cache, benchmarks and the leaderboard."""
+        return self._under("evaluations")
+
+    @property
     def teacher(self) -> str:
         """Where the platform writes the teacher it trains."""
         return self._under("teacher")
@@ -153,6 +159,7 @@ class ProjectLayout:
         code location's :meth:`tool_home`)."""
         return {"curation.json": self.settings_file, "validated/": self.validated, "lancedb/": self._under("lancedb"),
                 "releases/": self.releases, "recipes/": self._under("recipes"), "analysis/": self.analysis,
+                "evaluations/": self.evaluations,
                 "teacher/": self.teacher, "state/": self.state, "demo/": self.demo}
 
     def tool_home(self, tool: str) -> str:

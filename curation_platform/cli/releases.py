@@ -1,4 +1,4 @@
-"""``release`` commands: create from a recipe, list, show, diff, verify, derive."""
+"""``release`` commands: create from a recipe, list, show, diff, verify, derive, export."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from curation_platform.cli.group import HOME_HELP, main, project_layout, stack
 
 @main.group()
 def release() -> None:
-    """Curated releases: create from a recipe, list, show, diff, verify, derive."""
+    """Curated releases: create from a recipe, list, show, diff, verify, derive, export."""
 
 
 def _releases_uri(home: str | None, releases: str | None) -> str:
@@ -189,3 +189,108 @@ def release_derive(parent: str, exclude_path: str, home: str | None, releases_ur
     removed = created.manifest["parent"] and created.manifest["exclusions"]["count"]
     click.echo(f"release {created.release_id}: {created.manifest['selected']:,} samples at {created.uri} "
                f"({removed} uids excluded, parent {created.manifest['parent']['release_id']})")
+
+
+@release.command("export")
+@click.argument("reference")
+@_release_options
+@click.option("--out", "out_uri", required=True, help="Folder for the shards (local or s3://; new, empty or "
+              "holding this same export).")
+@click.option("--samples-per-shard", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Samples in each output tar.")
+def release_export(reference: str, home: str | None, releases_uri: str | None, out_uri: str,
+                   samples_per_shard: int) -> None:
+    """Write a release's samples as webdataset training shards (image bytes unchanged), for open_clip's
+    --train-data or webdataset; REFERENCE: name, name/version or path."""
+    from tqdm import tqdm
+
+    from curation_platform.evaluation.export import ExportError, export_release
+    from curation_platform.releases import open_release
+
+    uri = _release_uri(home, releases_uri, reference)
+    total = open_release(uri).manifest.get("selected")
+    with tqdm(total=total, desc="exporting", unit="sample", file=sys.stderr) as bar:
+        try:
+            result = export_release(uri, out_uri, samples_per_shard=samples_per_shard, on_shard=bar.update)
+        except ExportError as error:
+            raise click.ClickException(str(error)) from error
+    click.echo(f"{result.samples:,} samples in {len(result.shards)} shards at {result.uri}")
+    click.echo(f"  shards: {result.brace_pattern}")
+
+
+def _evaluations_uri(home: str | None, evaluations_uri: str | None) -> str:
+    return evaluations_uri or project_layout(home).evaluations
+
+
+def echo_evaluation(record: dict, uri: str) -> None:
+    """The record's per-arm table and its verdicts against the baselines."""
+    click.echo(f"evaluation {record['evaluation_id']} at {uri}")
+    compute = record["compute"]
+    click.echo(f"  {record['scale']['name']} scale: {record['scale']['model']}, {compute['samples_seen']:,} samples "
+               f"seen ({compute['steps']} steps of {compute['batch_size']}) per run, seeds {record['seeds']}")
+    for arm, by_metric in record["summary"]["arms"].items():
+        cells = ", ".join(f"{metric} {value['mean']:.3f} ± {value['sd']:.3f}" for metric, value in by_metric.items())
+        click.echo(f"  {arm:<8} {cells}")
+    for baseline, by_metric in record["summary"]["comparisons"].items():
+        for metric, comparison in by_metric.items():
+            click.echo(f"  vs {baseline:<7} {metric}: {comparison['difference']:+.3f} "
+                       f"(se {comparison['standard_error']:.3f}) {comparison['verdict']}")
+
+
+@release.command("evaluate")
+@click.argument("reference")
+@_release_options
+@click.option("--scale", "scale_name", type=click.Choice(["demo", "small", "medium"]), default="demo",
+              show_default=True, help="Evaluation scale: the fixed student recipe and samples seen.")
+@click.option("--seeds", type=click.IntRange(min=1), default=None, help="Seeds per arm (default: the scale's).")
+@click.option("--baselines", default="random,pool", show_default=True,
+              help="Comma-separated baselines at equal compute: random (equal size), pool (no filtering).")
+@click.option("--benchmarks", "benchmarks_uri", default=None,
+              help="Folder of clip_benchmark webdatasets (default: the demo's eval split).")
+@click.option("--evaluations", "evaluations_uri", default=None, help="Where records go (default <home>/evaluations).")
+@click.option("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available).")
+def release_evaluate(reference: str, home: str | None, releases_uri: str | None, scale_name: str, seeds: int | None,
+                     baselines: str, benchmarks_uri: str | None, evaluations_uri: str | None,
+                     device: str | None) -> None:
+    """Train a student CLIP from scratch on a release (open_clip_train) and on its baselines at equal compute,
+    evaluate them zero-shot (clip_benchmark) and publish a checksummed record; REFERENCE: name, name/version
+    or path."""
+    from tqdm import tqdm
+
+    from curation_platform.evaluation.evaluate import evaluate_release, project_benchmarks
+    from curation_platform.evaluation.record import write_leaderboard
+    from curation_platform.evaluation.scales import get_scale
+
+    scale = get_scale(scale_name)
+    chosen = tuple(name.strip() for name in baselines.split(",") if name.strip())
+    seed_list = list(range(seeds if seeds is not None else scale.seeds))
+    try:
+        sets = project_benchmarks(project_layout(home), benchmarks_uri)
+    except ValueError as error:
+        raise click.UsageError(str(error)) from error
+    evaluations = _evaluations_uri(home, evaluations_uri)
+    with tqdm(total=len(seed_list) * (1 + len(chosen)), desc="training students", unit="run", file=sys.stderr) as bar:
+        def on_run(run: dict) -> None:
+            bar.update()
+            bar.set_postfix(arm=run["arm"], seed=run["seed"])
+
+        evaluated = evaluate_release(_release_uri(home, releases_uri, reference), evaluations, scale, sets,
+                                     seeds=seed_list, baselines=chosen, device=device, on_run=on_run)
+    echo_evaluation(evaluated.record, evaluated.uri)
+    board = write_leaderboard(evaluations)
+    click.echo(f"leaderboard: {board['markdown']}")
+
+
+@release.command("leaderboard")
+@_release_options
+@click.option("--evaluations", "evaluations_uri", default=None, help="Where records are (default <home>/evaluations).")
+def release_leaderboard(home: str | None, releases_uri: str | None, evaluations_uri: str | None) -> None:
+    """Rank every evaluated release next to its baselines (writes leaderboard.md / .png / .parquet)."""
+    from curation_platform import storage
+    from curation_platform.evaluation.record import write_leaderboard
+
+    written = write_leaderboard(_evaluations_uri(home, evaluations_uri))
+    if not written:
+        raise click.ClickException("no evaluation records yet: run `curation-platform release evaluate` first")
+    click.echo(storage.read_bytes(written["markdown"]).decode().rstrip())
+    click.echo(f"\n{written['markdown']}, {written['png']}")

@@ -13,11 +13,13 @@ import os
 import shutil
 import subprocess
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pyarrow import fs as pafs
 
 from curation_platform import storage
 from curation_platform.storage import S3Settings
@@ -59,26 +61,57 @@ def subset_uids(subset: np.ndarray) -> list[str]:
 
 # -- file contents ------------------------------------------------------------------------------
 
-def _parquet_bytes(table: pa.Table) -> bytes:
+def parquet_bytes(table: pa.Table) -> bytes:
     sink = io.BytesIO()
     pq.write_table(table, sink, compression="zstd")
     return sink.getvalue()
 
 
-def _npy_bytes(array: np.ndarray) -> bytes:
+def npy_bytes(array: np.ndarray) -> bytes:
     sink = io.BytesIO()
     np.save(sink, array, allow_pickle=False)
     return sink.getvalue()
 
 
-def _sha256(data: bytes) -> str:
+def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _write_checksums(staging: Path) -> None:
-    lines = [f"{_sha256(path.read_bytes())}  {path.relative_to(staging).as_posix()}"
+def write_checksums(staging: Path) -> None:
+    lines = [f"{sha256_hex(path.read_bytes())}  {path.relative_to(staging).as_posix()}"
              for path in sorted(staging.rglob("*")) if path.is_file() and path.name != CHECKSUMS]
     (staging / CHECKSUMS).write_text("\n".join(lines) + "\n")
+
+
+@dataclass(frozen=True)
+class FolderCheck:
+    """A published folder against its SHA256SUMS."""
+
+    checked: int
+    mismatched: list[str]
+    missing: list[str]
+    unlisted: list[str]  # files present but not in SHA256SUMS
+
+    @property
+    def ok(self) -> bool:
+        return not (self.mismatched or self.missing or self.unlisted)
+
+
+def check_checksums(folder_uri: str, s3: S3Settings | None = None) -> FolderCheck:
+    """Every file of a published folder (a release, an evaluation record) against its SHA256SUMS."""
+    listed = dict(reversed(line.split("  ", 1)) for line in
+                  storage.read_bytes(storage.join(folder_uri, CHECKSUMS), s3).decode().splitlines() if line)
+    mismatched, missing = [], []
+    for name, digest in sorted(listed.items()):
+        uri = storage.join(folder_uri, *name.split("/"))
+        if not storage.exists(uri, s3):
+            missing.append(name)
+        elif sha256_hex(storage.read_bytes(uri, s3)) != digest:
+            mismatched.append(name)
+    filesystem, root = storage.filesystem_for(folder_uri, s3)
+    infos = filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
+    present = {info.path[len(root.rstrip("/")) + 1:] for info in infos if info.type == pafs.FileType.File}
+    return FolderCheck(len(listed), mismatched, missing, sorted(present - set(listed) - {CHECKSUMS}))
 
 
 def _git_commit() -> str | None:
@@ -102,12 +135,12 @@ def versions_of(releases_uri: str, name: str, s3: S3Settings | None = None) -> l
     return sorted(found)
 
 
-def _next_version(releases_uri: str, name: str, s3: S3Settings | None) -> int:
+def next_version(releases_uri: str, name: str, s3: S3Settings | None) -> int:
     taken = [int(entry) for entry in storage.list_dirs(storage.join(releases_uri, name), s3) if entry.isdigit()]
     return max(taken, default=0) + 1
 
 
-def _publish(staging: Path, releases_uri: str, name: str, version: int, s3: S3Settings | None) -> str:
+def publish_folder(staging: Path, releases_uri: str, name: str, version: int, s3: S3Settings | None) -> str:
     """Make the staged folder visible in one step (local rename; on S3, SHA256SUMS written last)."""
     final = storage.join(releases_uri, name, str(version))
     if storage.exists(storage.join(final, CHECKSUMS), s3):

@@ -32,14 +32,14 @@ from curation_platform.releases.artefacts import (
     SAMPLES,
     SUBSET,
     _git_commit,
-    _next_version,
-    _npy_bytes,
-    _parquet_bytes,
-    _publish,
-    _sha256,
-    _write_checksums,
+    next_version,
+    npy_bytes,
+    parquet_bytes,
+    publish_folder,
+    sha256_hex,
     subset_array,
     versions_of,
+    write_checksums,
 )
 from curation_platform.releases.inputs import (
     ReleaseSources,
@@ -92,29 +92,29 @@ def create_release(recipe: Recipe, sources: ReleaseSources, releases_uri: str,
     selection, uids = select(recipe, frame, sources, provenance, versions.get(EMBEDDINGS_TABLE))
     if options.exclude:
         uids = uids.filter(~uids.is_in(list(options.exclude)))
-    version = _next_version(releases_uri, recipe.name, sources.s3)
+    version = next_version(releases_uri, recipe.name, sources.s3)
     samples = _samples_table(recipe, frame, uids)
     funnel = [stage._asdict() for stage in selection.funnel]
     if recipe.max_size is not None or options.exclude:
         funnel.append({"stage": "size bounds and exclusions", "rows": samples.num_rows})
     with tempfile.TemporaryDirectory(prefix="release-") as scratch:
         staging = Path(scratch)
-        samples_bytes = _parquet_bytes(samples)
+        samples_bytes = parquet_bytes(samples)
         (staging / SAMPLES).write_bytes(samples_bytes)
-        (staging / SUBSET).write_bytes(_npy_bytes(subset_array(samples.column("uid").to_pylist())))
+        (staging / SUBSET).write_bytes(npy_bytes(subset_array(samples.column("uid").to_pylist())))
         recipe_file = f"recipe{'.yaml' if recipe.text.lstrip().startswith(('name:', '---')) else '.toml'}"
         (staging / recipe_file).write_text(recipe.text)
         if options.exclude:
             (staging / EXCLUDED).write_text("\n".join(sorted(options.exclude)) + "\n")
         manifest = _manifest(recipe, recipe_file, sources, versions, provenance, frame, selection, funnel, samples,
-                             version, _sha256(samples_bytes), options)
+                             version, sha256_hex(samples_bytes), options)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         _write_report(staging, recipe, frame, samples, funnel, manifest, sources, versions, options.labels)
-        _write_checksums(staging)
+        write_checksums(staging)
         if options.fail_before_publish:
             options.fail_before_publish()
         _pin(sources, versions, recipe.name, version)
-        uri = _publish(staging, releases_uri, recipe.name, version, sources.s3)
+        uri = publish_folder(staging, releases_uri, recipe.name, version, sources.s3)
     return Release(uri, recipe.name, version, manifest)
 
 
@@ -150,7 +150,7 @@ def _manifest(recipe: Recipe, recipe_file: str, sources: ReleaseSources, version
         "data_quality_checks": options.checks,
         "parent": options.parent,
         "exclusions": None if exclude_text is None else {"file": EXCLUDED, "count": len(options.exclude),
-                                                           "sha256": _sha256(exclude_text.encode())},
+                                                           "sha256": sha256_hex(exclude_text.encode())},
     }
 
 

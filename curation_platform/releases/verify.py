@@ -10,12 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from pyarrow import fs as pafs
-
 from curation_platform import lance_tables, storage
 from curation_platform.embedding.sinks import EMBEDDINGS_TABLE
 from curation_platform.releases.apply_recipe import select
-from curation_platform.releases.artefacts import CHECKSUMS, EXCLUDED, _sha256
+from curation_platform.releases.artefacts import EXCLUDED, check_checksums
 from curation_platform.releases.inputs import ReleaseSources, score_provenance, selection_frame
 from curation_platform.releases.recipe import parse_recipe
 from curation_platform.releases.store import Release, ReleaseOptions, create_release, open_release, read_samples
@@ -45,25 +43,15 @@ class Verification:
 def verify_release(release_uri: str, s3: S3Settings | None = None, rederive: bool = True) -> Verification:
     """Check every file against SHA256SUMS, then (``rederive``) re-run the recipe on the pinned tables."""
     release = open_release(release_uri, s3)
-    listed = dict(reversed(line.split("  ", 1)) for line in
-                  storage.read_bytes(storage.join(release_uri, CHECKSUMS), s3).decode().splitlines() if line)
-    mismatched, missing = [], []
-    for name, digest in sorted(listed.items()):
-        uri = storage.join(release_uri, *name.split("/"))
-        if not storage.exists(uri, s3):
-            missing.append(name)
-        elif _sha256(storage.read_bytes(uri, s3)) != digest:
-            mismatched.append(name)
-    present = _files_under(release_uri, s3)
-    unlisted = sorted(set(present) - set(listed) - {CHECKSUMS})
+    files = check_checksums(release_uri, s3)
     same, added, removed = None, 0, 0
     pins_missing = _missing_pins(release, s3) if rederive else []
     if rederive and not pins_missing:
         stored = set(read_samples(release, s3)["uid"].to_list())
         derived = set(_rederive(release, s3))
         same, added, removed = stored == derived, len(stored - derived), len(derived - stored)
-    return Verification(release.release_id, len(listed), mismatched, missing, unlisted, same, added, removed,
-                        pins_missing)
+    return Verification(release.release_id, files.checked, files.mismatched, files.missing, files.unlisted, same,
+                        added, removed, pins_missing)
 
 
 def _missing_pins(release: Release, s3: S3Settings | None) -> list[str]:
@@ -80,12 +68,6 @@ def _missing_pins(release: Release, s3: S3Settings | None) -> list[str]:
         except (ValueError, OSError, RuntimeError):
             missing.append(f"{name}@{entry['version']}")
     return missing
-
-
-def _files_under(uri: str, s3: S3Settings | None) -> list[str]:
-    filesystem, root = storage.filesystem_for(uri, s3)
-    infos = filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
-    return sorted(info.path[len(root.rstrip("/")) + 1:] for info in infos if info.type == pafs.FileType.File)
 
 
 def _rederive(release: Release, s3: S3Settings | None) -> list[str]:
