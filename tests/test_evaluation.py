@@ -162,3 +162,17 @@ def test_noise_verdicts() -> None:
     assert compare(shifted, steady)["verdict"] == "better"
     assert compare(steady, summarise_arm([0.45, 0.55, 0.50]))["verdict"] == "within seed noise"
     assert compare(summarise_arm([0.5]), summarise_arm([0.4]))["verdict"] == "one seed: noise unknown"
+
+
+def test_the_same_data_scale_and_seed_train_the_same_student(releases: dict, tmp_path: Path) -> None:
+    """webdataset seeds its sample shuffle from the pid and the clock; the student's must not."""
+    from curation_platform.evaluation.export import export_release
+    from curation_platform.evaluation.student import train_student
+
+    shards = export_release(releases["plain"].uri, str(tmp_path / "shards")).brace_pattern
+    weights = []
+    for attempt in ("first", "second"):
+        run = train_student(shards, tmp_path / attempt, TINY_STUDENT, seed=5, device="cpu")
+        weights.append(torch.load(run.checkpoint, weights_only=True)["state_dict"])
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])

@@ -11,7 +11,8 @@ per-sample weights, so :func:`_importance_weighted` adds them for the length of 
 nowhere else: the trainer's webdataset pipeline keeps its sampling, shuffling and batching, and
 its ``to_tuple`` stage appends each sample's weight (from the exported ``.json``) to the token row
 as the bit pattern of a float64; a forward pre-hook on the model strips that column and hands the
-weights to :class:`WeightedClipLoss`.
+weights to :class:`WeightedClipLoss`. Every run also seeds the pipeline's sample shuffle (see
+:class:`_SeededWebdataset`), so the same data, scale and seed train the same student.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import contextlib
 import json
 import logging
 import math
+import random
 import re
 import shutil
 import tempfile
@@ -104,7 +106,8 @@ def train_student(train_data: str, out_dir: Path, scale: EvalScale, seed: int, *
     try:
         if scale.threads:
             torch.set_num_threads(scale.threads)
-        with _log_to_file_only(), _importance_weighted() if weighted else contextlib.nullcontext():
+        with (_log_to_file_only(), _seeded_pipeline(seed, weighted),
+              _importance_weighted() if weighted else contextlib.nullcontext()):
             status = trainer.main(arguments)
     finally:
         torch.set_num_threads(threads)
@@ -183,17 +186,22 @@ class WeightedClipLoss(torch.nn.Module):
         return {"contrastive_loss": loss} if output_dict else loss
 
 
-class _WeightedTuple:
-    """Stand-in for ``webdataset.to_tuple("image", "text")``: the token row gains the weight column."""
+class _SeededWebdataset:
+    """open_clip_train's view of ``webdataset`` for one run: ``shuffle`` gets a seeded generator (webdataset
+    seeds an unseeded one from the pid and the clock, which would make a run depend on when it ran) and,
+    for IWL, ``to_tuple("image", "text")`` appends each sample's weight to its token row."""
 
-    def __init__(self, webdataset: Any) -> None:
-        self._wds = webdataset
+    def __init__(self, webdataset: Any, seed: int, weighted: bool) -> None:
+        self._wds, self._seed, self._weighted = webdataset, seed, weighted
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._wds, name)
 
+    def shuffle(self, bufsize: int, initial: int = 100, rng: random.Random | None = None, **kwargs: Any):
+        return self._wds.shuffle(bufsize, initial, rng=rng or random.Random(self._seed), **kwargs)
+
     def to_tuple(self, *keys: str):
-        if keys != ("image", "text"):
+        if not self._weighted or keys != ("image", "text"):
             return self._wds.to_tuple(*keys)
 
         def with_weight(sample: dict) -> tuple:
@@ -209,8 +217,20 @@ class _WeightedTuple:
 
 
 @contextlib.contextmanager
+def _seeded_pipeline(seed: int, weighted: bool) -> Iterator[None]:
+    from open_clip_train import data
+
+    saved = data.wds
+    data.wds = _SeededWebdataset(saved, seed, weighted)
+    try:
+        yield
+    finally:
+        data.wds = saved
+
+
+@contextlib.contextmanager
 def _importance_weighted() -> Iterator[None]:
-    from open_clip_train import data, main
+    from open_clip_train import main
 
     create_model = main.create_model_and_transforms
 
@@ -231,11 +251,10 @@ def _importance_weighted() -> Iterator[None]:
         model.register_forward_hook(attach_weights)
         return (model, *rest)
 
-    saved = (data.wds, main.create_model_and_transforms, main.create_loss)
-    data.wds = _WeightedTuple(data.wds)
+    saved = (main.create_model_and_transforms, main.create_loss)
     main.create_model_and_transforms = weighted_model
     main.create_loss = lambda args: WeightedClipLoss()
     try:
         yield
     finally:
-        data.wds, main.create_model_and_transforms, main.create_loss = saved
+        main.create_model_and_transforms, main.create_loss = saved
