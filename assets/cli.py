@@ -29,6 +29,9 @@ DEMO_PROMPTS = ("a photo of a geometric shape", "a checkerboard or striped textu
 
 DEMO_SCORING = {"reference_size": 1000, "neg_clip_batch_size": 1024, "neg_clip_repeats": 10,
                 "prompts": list(DEMO_PROMPTS)}
+# The published equal-size claim (negCLIPLoss + NormSim over CLIPScore), each against its random baseline.
+DEMO_EVALUATION = {"scale": "demo", "baselines": ["random"], "main_job": ["negclip-normsim", "clip-score-top20"]}
+DEMO_SETTINGS = {"scoring": DEMO_SCORING, "evaluation": DEMO_EVALUATION}
 
 
 @main.command()
@@ -55,8 +58,8 @@ def demo(home: str | None, shards: int, samples_per_shard: int, seed: int, worke
     click.echo(f"demo pool in {layout.demo} ({time.perf_counter() - started:.1f} s)")
     settings = Path(layout.settings_file)
     if not settings.exists():
-        settings.write_text(json.dumps({"scoring": DEMO_SCORING}, indent=2) + "\n")
-    elif layout.settings().get("scoring") != DEMO_SCORING:
+        settings.write_text(json.dumps(DEMO_SETTINGS, indent=2) + "\n")
+    elif layout.settings() != DEMO_SETTINGS:
         click.echo(f"using the settings in {settings} (not the demo's: delete it for those)")
     _install_demo_recipes(layout.recipes)
     _run_main_job(layout, pool=layout.demo_split("pool"), teacher={"train_on": layout.demo_split("reference")},
@@ -127,10 +130,15 @@ def _run_main_job(layout: ProjectLayout, *, pool: str, teacher: dict, scoring: d
                       None)
     if statistics:
         click.echo(f"scores of {statistics['dagster/row_count']} samples; plots and summary in {layout.analysis}")
+    evaluated = []
     for outcome in outcomes:
         for asset, metadata in outcome.materialized.items():
             if asset.startswith("release_"):
                 _echo_release(metadata)
+            if asset.startswith("evaluation_"):
+                evaluated.append(metadata)
+    if evaluated:
+        _echo_evaluations(evaluated)
     click.echo(f"\nNext: `{_ui_command(layout, instance, defs)}` opens the asset graph with these runs.")
     if failed:
         click.echo(f"FAILED: {failed[0].error}", err=True)
@@ -164,6 +172,19 @@ def _echo_release(metadata: dict) -> None:
     click.echo(f"\nrelease {manifest['release_id']}: {manifest['selected']:,} of {manifest['pool_rows']:,} samples "
                f"in {Path(metadata['manifest']).parent} (report: report/report.md)")
     echo_funnel(manifest)
+
+
+def _echo_evaluations(evaluated: list[dict]) -> None:
+    """Each evaluation's verdicts, then the leaderboard of every evaluated release."""
+    for metadata in evaluated:
+        click.echo(f"\nevaluation {metadata['evaluation_id']} ({metadata['scale']} scale, seeds {metadata['seeds']}, "
+                   f"{metadata['samples_seen']:,} samples seen per run):")
+        for arm, metrics in metadata["arms"].items():
+            click.echo(f"  {arm:<8} " + ", ".join(f"{name} {value}" for name, value in metrics.items()))
+        for comparison, verdict in metadata["verdicts"].items():
+            click.echo(f"  vs {comparison}: {verdict}")
+    leaderboard = evaluated[-1]["leaderboard"]
+    click.echo(f"\nleaderboard ({leaderboard}):\n{storage.read_bytes(leaderboard).decode().rstrip()}")
 
 
 STEP_FACTS = {  # what the main job prints per materialisation, when present

@@ -12,6 +12,7 @@ from curation_platform.storage import S3Settings
 warnings.filterwarnings("ignore", category=dg.PreviewWarning)
 
 from curation_platform_dagster.defs.embeddings import embeddings, embeddings_meet_expectations
+from curation_platform_dagster.defs.evaluation import evaluation_asset
 from curation_platform_dagster.defs.ingestion import (
     quarantine_rate_within_bound,
     samples_meet_expectations,
@@ -20,7 +21,12 @@ from curation_platform_dagster.defs.ingestion import (
     validated_samples,
 )
 from curation_platform_dagster.defs.releases import load_recipes, release_asset
-from curation_platform_dagster.defs.resources import PlatformResource, ScoringResource, TeacherResource
+from curation_platform_dagster.defs.resources import (
+    EvaluationResource,
+    PlatformResource,
+    ScoringResource,
+    TeacherResource,
+)
 from curation_platform_dagster.defs.scoring import (
     normsim_target,
     reference_sample,
@@ -51,16 +57,21 @@ def build_definitions(settings: dict | None = None, resources: dict | None = Non
         "platform": PlatformResource(),
         "teacher_config": TeacherResource(**settings.get("teacher", {})),
         "scoring": ScoringResource(**settings.get("scoring", {})),
+        "evaluation": EvaluationResource(**settings.get("evaluation", {})),
         "training_progress": no_progress,
     } | (resources or {})
     checks = [teacher_gate(blocking=resources["teacher_config"].blocks), shard_reconciles, samples_meet_expectations,
               quarantine_rate_within_bound, embeddings_meet_expectations, scores_meet_expectations,
               statistics_are_sane]
     check_keys = [key for check in checks for key in check.check_keys]
-    releases = [release_asset(recipe, check_keys) for recipe in load_recipes(resources["platform"].recipes_dir)]
+    recipes = load_recipes(resources["platform"].recipes_dir)
+    releases = [release_asset(recipe, check_keys) for recipe in recipes]
+    in_main_job = set(resources["evaluation"].main_job)
+    evaluations = [evaluation_asset(recipe, release, recipe.name in in_main_job)
+                   for recipe, release in zip(recipes, releases, strict=True)]
     return dg.Definitions(
         assets=[validated_samples, teacher, embeddings, reference_sample, normsim_target, shard_scores,
-                score_statistics, *releases],
+                score_statistics, *releases, *evaluations],
         asset_checks=checks,
         jobs=[shard_pipeline],
         sensors=[shard_discovery_sensor, automation_sensor],

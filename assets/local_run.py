@@ -28,8 +28,14 @@ from curation_platform.processes import in_worker_import
 from curation_platform.storage import S3Settings
 from curation_platform.teachers import CONFIG_FILE
 from curation_platform_dagster.definitions import build_definitions
+from curation_platform_dagster.defs.evaluation import IN_MAIN_JOB
 from curation_platform_dagster.defs.ingestion import shard_partitions
-from curation_platform_dagster.defs.resources import PlatformResource, ScoringResource, TeacherResource
+from curation_platform_dagster.defs.resources import (
+    EvaluationResource,
+    PlatformResource,
+    ScoringResource,
+    TeacherResource,
+)
 from curation_platform_dagster.defs.teachers import TEACHER_GATE, no_progress
 
 QUIET = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
@@ -61,15 +67,17 @@ def instance_for(home: ProjectLayout | str | Path) -> dg.DagsterInstance:
 
 
 def main_job_definitions(home: str, *, pool: str | None = None, teacher: dict | None = None,
-                         scoring: dict | None = None, recipes: str | None = None,
+                         scoring: dict | None = None, evaluation: dict | None = None, recipes: str | None = None,
                          training_progress: Callable[[dict], None] | None = None) -> dg.Definitions:
     """The graph for one pool: ``teacher`` and ``scoring`` override the home's ``curation.json``
-    sections field by field (``TeacherResource`` / ``ScoringResource`` fields)."""
+    sections field by field (``TeacherResource`` / ``ScoringResource`` fields), ``evaluation`` the
+    ``EvaluationResource`` ones."""
     settings = ProjectLayout.resolve(home).settings(S3Settings.from_env())
     resources = {
         "platform": PlatformResource(home_uri=home, pool_uri=pool, recipes_uri=recipes),
         "teacher_config": TeacherResource(**(settings.get("teacher", {}) | (teacher or {}))),
         "scoring": ScoringResource(**(settings.get("scoring", {}) | (scoring or {}))),
+        "evaluation": EvaluationResource(**(settings.get("evaluation", {}) | (evaluation or {}))),
         "training_progress": training_progress or no_progress,
     }
     return build_definitions(settings, resources)
@@ -130,9 +138,11 @@ class Wave:
 def lineage_waves(defs: dg.Definitions) -> list[Wave]:
     """The asset graph cut into runs, each after everything upstream of it: every unpartitioned asset
     whose inputs are done runs in one global run, then every shard's partitioned assets that become
-    ready run together in one run per shard. A new asset finds its place from its deps alone."""
+    ready run together in one run per shard. A new asset finds its place from its deps alone. Assets
+    tagged ``curation/main_job: false`` (evaluations not chosen for the main job) are left to the UI."""
     graph = defs.resolve_asset_graph()
-    keys = sorted(graph.materializable_asset_keys)
+    keys = sorted(key for key in graph.materializable_asset_keys
+                  if graph.get(key).tags.get(IN_MAIN_JOB, "true") != "false")
     upstream = {key: set(graph.get(key).parent_keys) & set(keys) for key in keys}
     per_shard = {key: graph.get(key).is_partitioned for key in keys}
     done: set[dg.AssetKey] = set()

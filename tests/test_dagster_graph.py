@@ -8,12 +8,19 @@ from pathlib import Path
 
 import dagster as dg
 
+from curation_platform.evaluation import scales
+from curation_platform.evaluation.benchmark_sets import build_demo_benchmarks
 from curation_platform_dagster.definitions import build_definitions, defs
 from curation_platform_dagster.defs.ingestion import shard_discovery_sensor
-from curation_platform_dagster.defs.resources import PlatformResource, ScoringResource, TeacherResource
+from curation_platform_dagster.defs.resources import (
+    EvaluationResource,
+    PlatformResource,
+    ScoringResource,
+    TeacherResource,
+)
 from curation_platform_dagster.local_run import materialize_graph
 from tests.helpers.demo import build_small_demo_pool
-from tests.helpers.teachers import tiny_teacher_dir
+from tests.helpers.teachers import TINY_STUDENT, tiny_teacher_dir
 
 PER_SHARD = ("validated_samples", "embeddings", "shard_scores")
 GLOBAL = ("teacher", "reference_sample", "normsim_target", "score_statistics")
@@ -80,7 +87,7 @@ def _execute_requests(graph: dg.Definitions, instance: dg.DagsterInstance,
     return {(asset, partition) for partition, selection in by_partition.items() for asset in selection}
 
 
-def test_whole_graph_then_only_the_new_shard(tmp_path: Path, demo_pool_dir: Path) -> None:
+def test_whole_graph_then_only_the_new_shard(tmp_path: Path, demo_pool_dir: Path, monkeypatch) -> None:
     graph, pool = _graph(tmp_path, demo_pool_dir)
     instance = dg.DagsterInstance.ephemeral(tempdir=str(tmp_path / "dagster"))
     outcomes = materialize_graph(instance, graph, retrain_teacher=True)
@@ -109,6 +116,19 @@ def test_whole_graph_then_only_the_new_shard(tmp_path: Path, demo_pool_dir: Path
     evaluations = instance.event_log_storage.get_latest_asset_check_execution_by_key(
         [key for key in graph.resolve_asset_graph().asset_check_keys])
     assert evaluations, "check executions are recorded"
+    assert ("evaluation_clip_top",) not in {assets for assets, _ in by_step}, "evaluations run on request only"
+
+    # The release's evaluation (on request): students on the release and its random baseline, a record.
+    monkeypatch.setitem(scales.SCALES, "demo", TINY_STUDENT)
+    build_demo_benchmarks(demo_pool_dir, tmp_path / "benchmarks")
+    evaluation = EvaluationResource(seeds=1, baselines=["random"], benchmarks_uri=str(tmp_path / "benchmarks" / "wds"),
+                                    device="cpu")
+    evaluated = dg.materialize([*graph.assets], selection=["evaluation_clip_top"], instance=instance,
+                               resources={**graph.resources, "evaluation": evaluation})
+    metadata = evaluated.get_asset_materialization_events()[0].materialization.metadata
+    assert metadata["release_id"].value == release["release_id"] and metadata["samples_seen"].value == 64
+    assert set(metadata["arms"].value) == {"release", "random"} and Path(metadata["leaderboard"].value).exists()
+    assert graph.resolve_asset_graph().get(dg.AssetKey("evaluation_clip_top")).pools == {"gpu"}
 
     # Nothing is out of date: the automation requests nothing.
     start = dt.datetime.now(dt.UTC)

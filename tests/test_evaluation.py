@@ -15,16 +15,11 @@ from curation_platform.evaluation.arms import pool_samples, random_subset, train
 from curation_platform.evaluation.benchmark_sets import build_demo_benchmarks, discover_benchmarks
 from curation_platform.evaluation.evaluate import evaluate_release
 from curation_platform.evaluation.record import compare, leaderboard, summarise_arm, verify_evaluation
-from curation_platform.evaluation.scales import SCALES, EvalScale, get_scale
+from curation_platform.evaluation.scales import SCALES, get_scale
 from curation_platform.evaluation.student import WeightedClipLoss
 from curation_platform.releases import ReleaseSources, create_release, parse_recipe
+from tests.helpers.teachers import TINY_STUDENT
 
-TINY_STUDENT = EvalScale(
-    name="tiny", model="curation-test-student", samples_seen=64, batch_size=16, lr=1e-3, warmup_steps=1,
-    precision="fp32", threads=1, seeds=2,
-    model_cfg={"embed_dim": 32,
-               "vision_cfg": {"image_size": 32, "patch_size": 16, "width": 32, "layers": 1, "head_width": 16},
-               "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}})
 CLIP_TOP = """
 name = "clip-top"
 [[stage]]

@@ -16,6 +16,7 @@ import dagster as dg
 from curation_platform import storage
 from curation_platform.embedding.engine import EmbedConfig
 from curation_platform.embedding.sinks import EMBEDDINGS_TABLE
+from curation_platform.evaluation.scales import EvalScale, get_scale
 from curation_platform.layout import ProjectLayout
 from curation_platform.pool import ChecksumCache, ShardRef, discover_shards
 from curation_platform.scoring.pipeline import ScoreParams
@@ -226,3 +227,26 @@ class ScoringResource(dg.ConfigurableResource):
     def target(self, platform: PlatformResource) -> str | None:
         layout = platform.layout
         return replace(layout, target_override=self.target_uri or layout.target_override).target(platform.s3)
+
+
+class EvaluationResource(dg.ConfigurableResource):
+    """How releases are evaluated (``curation.json`` ``{"evaluation": {...}}``): the scale (``demo`` on CPU;
+    ``small`` / ``medium`` are DataComp's GPU recipes), seeds per arm (default: the scale's), baselines,
+    the benchmarks (a folder of clip_benchmark webdatasets; default the demo's eval split), and which
+    recipes the main job evaluates (``main_job``; every recipe has an evaluation asset in the UI)."""
+
+    scale: str = "demo"
+    seeds: int | None = None
+    baselines: list[str] = ["random", "pool"]
+    benchmarks_uri: str | None = None
+    device: str | None = None
+    main_job: list[str] = []
+
+    def eval_scale(self) -> EvalScale:
+        try:
+            return get_scale(self.scale)
+        except ValueError as error:
+            raise dg.Failure(str(error)) from error
+
+    def seed_list(self) -> list[int]:
+        return list(range(self.seeds if self.seeds is not None else self.eval_scale().seeds))

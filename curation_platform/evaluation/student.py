@@ -139,11 +139,15 @@ def trained_samples(run_dir: Path) -> tuple[int, float | None]:
 @contextlib.contextmanager
 def _log_to_file_only() -> Iterator[None]:
     """open_clip_train's ``setup_logging`` sets every logger of the process to INFO and adds a stderr
-    handler; for the length of a run it only gets its ``out.log`` (read by :func:`trained_samples`)."""
+    handler; for the length of a run it only gets its ``out.log`` (read by :func:`trained_samples`), and
+    handlers already on the root logger hear warnings only."""
     from open_clip_train import main
 
     root = logging.getLogger()
     level, handlers = root.level, []
+    quieted = {handler: handler.level for handler in root.handlers}  # e.g. a basicConfig stderr handler
+    for handler in quieted:
+        handler.setLevel(max(handler.level, logging.WARNING))
 
     def file_only(log_file: str | None, log_level: int, include_host: bool = False) -> None:
         if log_file:
@@ -163,6 +167,8 @@ def _log_to_file_only() -> Iterator[None]:
         for handler in handlers:
             root.removeHandler(handler)
             handler.close()
+        for handler, handler_level in quieted.items():
+            handler.setLevel(handler_level)
         root.setLevel(level)
 
 

@@ -12,6 +12,7 @@ import torch
 
 from curation_platform.embedding.engine import EmbedConfig, embed_shard
 from curation_platform.embedding.sinks import LanceSink
+from curation_platform.evaluation.scales import EvalScale
 from curation_platform.ingest import ingest_shard
 from curation_platform.pool import discover_shards
 from curation_platform.teachers import TeacherSpec, load_teacher, save_teacher_directory
@@ -78,3 +79,12 @@ def embed_in_child(teacher_dir: str, pool: str, shard_name: str, lance_uri: str,
 
         sink.shard_writer = slow_writer
     embed_shard(teacher, shard, samples, sink, replace(CPU, batch_size=16))
+
+
+# A student small enough to train in seconds (4 steps of 16 pairs): evaluation tests' scale.
+TINY_STUDENT = EvalScale(
+    name="tiny", model="curation-test-student", samples_seen=64, batch_size=16, lr=1e-3, warmup_steps=1,
+    precision="fp32", threads=1, seeds=2,
+    model_cfg={"embed_dim": 32,
+               "vision_cfg": {"image_size": 32, "patch_size": 16, "width": 32, "layers": 1, "head_width": 16},
+               "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}})
