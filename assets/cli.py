@@ -23,6 +23,7 @@ from curation_platform.cli.teachers import (
     training_options,
     training_overrides,
 )
+from curation_platform.evaluation.arms import ARMS as ARM_ORDER
 from curation_platform.layout import ProjectLayout
 
 DEMO_PROMPTS = ("a photo of a geometric shape", "a checkerboard or striped texture pattern")
@@ -179,7 +180,7 @@ def _echo_evaluations(evaluated: list[dict]) -> None:
     for metadata in evaluated:
         click.echo(f"\nevaluation {metadata['evaluation_id']} ({metadata['scale']} scale, seeds {metadata['seeds']}, "
                    f"{metadata['samples_seen']:,} samples seen per run):")
-        for arm, metrics in metadata["arms"].items():
+        for arm, metrics in sorted(metadata["arms"].items(), key=lambda item: ARM_ORDER.index(item[0])):
             click.echo(f"  {arm:<8} " + ", ".join(f"{name} {value}" for name, value in metrics.items()))
         for comparison, verdict in metadata["verdicts"].items():
             click.echo(f"  vs {comparison}: {verdict}")
@@ -190,6 +191,7 @@ def _echo_evaluations(evaluated: list[dict]) -> None:
 STEP_FACTS = {  # what the main job prints per materialisation, when present
     "teacher_id": "teacher {}", "i2t_recall_at_5": "held-out i2t R@5 {:.3f}", "dagster/row_count": "{} rows",
     "pairs_per_second": "{:.0f} pairs/s", "reference_id": "{}", "target_id": "{}", "shards": "{} shards",
+    "evaluation_id": "{}",
 }
 
 
