@@ -228,7 +228,9 @@ def echo_evaluation(record: dict, uri: str) -> None:
     compute = record["compute"]
     click.echo(f"  {record['scale']['name']} scale: {record['scale']['model']}, {compute['samples_seen']:,} samples "
                f"seen ({compute['steps']} steps of {compute['batch_size']}) per run, seeds {record['seeds']}")
-    for arm, by_metric in record["summary"]["arms"].items():
+    from curation_platform.evaluation.arms import ARMS
+
+    for arm, by_metric in sorted(record["summary"]["arms"].items(), key=lambda item: ARMS.index(item[0])):
         cells = ", ".join(f"{metric} {value['mean']:.3f} ± {value['sd']:.3f}" for metric, value in by_metric.items())
         click.echo(f"  {arm:<8} {cells}")
     for baseline, by_metric in record["summary"]["comparisons"].items():

@@ -130,11 +130,7 @@ def plot_arms(record: dict[str, Any], out: Path) -> Path:
         axis.set_ylim(bottom=0)
     figure.suptitle(f"{record['release_id']} ({record['scale']['name']} scale, {len(record['seeds'])} seeds)",
                     fontsize=10)
-    figure.tight_layout()
     figure.savefig(out, dpi=110)
-    import matplotlib.pyplot as plt
-
-    plt.close(figure)
     return out
 
 
@@ -235,8 +231,6 @@ def write_leaderboard(evaluations_uri: str, s3: S3Settings | None = None) -> dic
 
 
 def _leaderboard_png(frame: pl.DataFrame, metrics: list[str]) -> bytes:
-    import matplotlib.pyplot as plt
-
     shown = [metric for metric in metrics if f"{metric}_mean" in frame.columns][:2]
     labels = [f"{row['release_id'].rsplit('-', 1)[0]}\n{row['arm']}" for row in frame.iter_rows(named=True)]
     figure, axes = panel_grid(len(shown), columns=1, size=(max(6.0, 0.55 * frame.height), 3.0))
@@ -246,8 +240,6 @@ def _leaderboard_png(frame: pl.DataFrame, metrics: list[str]) -> bytes:
                  color=colours, capsize=3)
         axis.set_xticks(range(frame.height), labels, fontsize=6, rotation=90)
         axis.set_title(metric, fontsize=9)
-    figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)
-    plt.close(figure)
     return buffer.getvalue()
