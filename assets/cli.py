@@ -184,6 +184,8 @@ def _echo_evaluations(evaluated: list[dict]) -> None:
             click.echo(f"  {arm:<8} " + ", ".join(f"{name} {value}" for name, value in metrics.items()))
         for comparison, verdict in metadata["verdicts"].items():
             click.echo(f"  vs {comparison}: {verdict}")
+        for metric in metadata["at_chance"]:
+            click.echo(f"  WARNING: every arm scores {metric} near chance: this scale cannot rank them on it", err=True)
     leaderboard = evaluated[-1]["leaderboard"]
     click.echo(f"\nleaderboard ({leaderboard}):\n{storage.read_bytes(leaderboard).decode().rstrip()}")
 

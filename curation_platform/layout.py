@@ -71,10 +71,6 @@ class ShardOutputs:
         return storage.join(validated_uri, "samples")
 
 
-def _absolute(uri: str) -> str:
-    return uri if storage.is_s3(uri) else str(Path(uri).resolve())
-
-
 @dataclass(frozen=True)
 class ProjectLayout:
     """Every location of one project; ``None`` overrides mean the default under :attr:`home`."""
@@ -93,7 +89,7 @@ class ProjectLayout:
         """Arguments first, then ``CURATION_HOME`` / ``_POOL`` / ``_LANCEDB`` / ``_RECIPES`` /
         ``_TEACHER_TRAIN_ON`` / ``_TARGET``, then the defaults; a local home becomes absolute."""
         env = os.environ if environ is None else environ
-        return cls(home=_absolute(home or env.get("CURATION_HOME") or DEFAULT_HOME),
+        return cls(home=storage.absolute(home or env.get("CURATION_HOME") or DEFAULT_HOME),
                    pool_override=pool or env.get("CURATION_POOL"),
                    lancedb_override=lancedb or env.get("CURATION_LANCEDB"),
                    recipes_override=recipes or env.get("CURATION_RECIPES"),

@@ -89,6 +89,12 @@ def filesystem_for(uri: str, s3: S3Settings | None = None) -> tuple[pafs.FileSys
     return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
 
 
+def absolute(uri: str) -> str:
+    """An ``s3://`` URI as it is; a local path made absolute (``~`` expanded), so it means the same from
+    any working directory."""
+    return uri if is_s3(uri) else str(Path(uri).expanduser().resolve())
+
+
 def join(uri: str, *parts: str) -> str:
     """Join path components onto a URI without resolving anything."""
     if is_s3(uri):

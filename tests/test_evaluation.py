@@ -17,7 +17,7 @@ from curation_platform.evaluation.evaluate import evaluate_release
 from curation_platform.evaluation.record import compare, leaderboard, summarise_arm, verify_evaluation
 from curation_platform.evaluation.scales import SCALES, get_scale
 from curation_platform.evaluation.student import WeightedClipLoss
-from curation_platform.releases import ReleaseSources, create_release, parse_recipe
+from tests.helpers.releases import releases_of_scored_demo
 from tests.helpers.teachers import TINY_STUDENT
 
 CLIP_TOP = """
@@ -42,11 +42,8 @@ mode = "self_normalised"
 
 @pytest.fixture(scope="module")
 def releases(scored_demo: dict, demo_pool_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    sources = ReleaseSources(scored_demo["lance"], str(scored_demo["root"] / "validated"),
-                             scored_demo["teacher"].teacher_id, str(demo_pool_dir / "pool"))
-    folder = str(tmp_path_factory.mktemp("evaluated-releases"))
-    return {"plain": create_release(parse_recipe(CLIP_TOP), sources, folder),
-            "weighted": create_release(parse_recipe(WEIGHTED), sources, folder)}
+    return releases_of_scored_demo(scored_demo, demo_pool_dir, tmp_path_factory.mktemp("evaluated-releases"),
+                                   {"plain": CLIP_TOP, "weighted": WEIGHTED})
 
 
 @pytest.fixture(scope="module")
@@ -171,3 +168,18 @@ def test_the_same_data_scale_and_seed_train_the_same_student(releases: dict, tmp
         weights.append(torch.load(run.checkpoint, weights_only=True)["state_dict"])
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+
+
+def test_metrics_every_arm_scores_near_chance_are_flagged(benchmarks: list) -> None:
+    """A scale too small to learn a task must say so, not rank arms by noise."""
+    from curation_platform.evaluation.evaluate import at_chance, chance_levels
+
+    chance = chance_levels(["zeroshot_mean_acc1", "retrieval_recall@5", "prompted/demo_shape/acc1"], benchmarks)
+    retrieval = next(b for b in benchmarks if b.name == "demo_retrieval")
+    assert chance["retrieval_recall@5"] == pytest.approx(min(1.0, 5 / retrieval.samples))
+    assert chance["prompted/demo_shape/acc1"] == pytest.approx(1 / 7)
+    summary = {"arms": {"release": {"retrieval_recall@5": {"mean": 0.9}, "prompted/demo_shape/acc1": {"mean": 0.15},
+                                    "zeroshot_mean_acc1": {"mean": 0.9}},
+                        "random": {"retrieval_recall@5": {"mean": 0.2}, "prompted/demo_shape/acc1": {"mean": 0.14},
+                                   "zeroshot_mean_acc1": {"mean": 0.9}}}}
+    assert at_chance(summary, chance) == ["prompted/demo_shape/acc1"]

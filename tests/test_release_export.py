@@ -18,8 +18,9 @@ from click.testing import CliRunner
 
 from curation_platform.evaluation.export import ExportError, export_release, export_samples
 from curation_platform.layout import ShardOutputs
-from curation_platform.releases import Release, ReleaseSources, create_release, parse_recipe, read_samples, subset_uids
+from curation_platform.releases import Release, read_samples, subset_uids
 from curation_platform.releases.artefacts import SUBSET
+from tests.helpers.releases import releases_of_scored_demo
 
 CLIP_HALF = """
 name = "clip-half"
@@ -44,11 +45,8 @@ clip_at = 3.0
 
 @pytest.fixture(scope="module")
 def releases(scored_demo: dict, demo_pool_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Release]:
-    sources = ReleaseSources(scored_demo["lance"], str(scored_demo["root"] / "validated"),
-                             scored_demo["teacher"].teacher_id, str(demo_pool_dir / "pool"))
-    folder = str(tmp_path_factory.mktemp("export-releases"))
-    return {"plain": create_release(parse_recipe(CLIP_HALF), sources, folder),
-            "weighted": create_release(parse_recipe(WEIGHTED), sources, folder)}
+    return releases_of_scored_demo(scored_demo, demo_pool_dir, tmp_path_factory.mktemp("export-releases"),
+                                   {"plain": CLIP_HALF, "weighted": WEIGHTED})
 
 
 def _read_tars(paths: list[str]) -> list[dict]:

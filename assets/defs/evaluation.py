@@ -52,6 +52,9 @@ def evaluation_asset(recipe: Recipe, release: dg.AssetsDefinition, in_main_job: 
             seeds=evaluation.seed_list(), baselines=evaluation.baselines, device=evaluation.device, s3=platform.s3,
             on_run=lambda run: context.log.info(f"{run['arm']} seed {run['seed']}: {run['metrics']}"))
         record = evaluated.record
+        for metric in record["at_chance"]:
+            context.log.warning(f"every arm scores {metric} near chance ({record['chance'][metric]:.3f}): "
+                                "this scale cannot rank the arms on it")
         board = write_leaderboard(platform.layout.evaluations, platform.s3)
         figure = storage.read_bytes(storage.join(evaluated.uri, "figures", "metrics.png"), platform.s3)
         summary = {arm: {metric: f"{value['mean']:.3f} ± {value['sd']:.3f}" for metric, value in by_metric.items()}
@@ -68,6 +71,7 @@ def evaluation_asset(recipe: Recipe, release: dg.AssetsDefinition, in_main_job: 
             "weighted": record["weighted"],
             "arms": dg.MetadataValue.json(summary),
             "verdicts": dg.MetadataValue.json(verdicts),
+            "at_chance": dg.MetadataValue.json(record["at_chance"]),
             "record": dg.MetadataValue.path(storage.join(evaluated.uri, "record.json")),
             "leaderboard": dg.MetadataValue.path(board["markdown"]),
             "metrics_png": dg.MetadataValue.md(f"![metrics](data:image/png;base64,{base64.b64encode(figure).decode()})"),

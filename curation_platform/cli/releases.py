@@ -237,6 +237,9 @@ def echo_evaluation(record: dict, uri: str) -> None:
         for metric, comparison in by_metric.items():
             click.echo(f"  vs {baseline:<7} {metric}: {comparison['difference']:+.3f} "
                        f"(se {comparison['standard_error']:.3f}) {comparison['verdict']}")
+    for metric in record["at_chance"]:
+        click.echo(f"WARNING: every arm scores {metric} near chance ({record['chance'][metric]:.3f}): this scale "
+                   "cannot rank them on it (a larger scale or more samples seen)", err=True)
 
 
 @release.command("evaluate")

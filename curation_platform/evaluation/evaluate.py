@@ -22,7 +22,6 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-import polars as pl
 import torch
 
 from curation_platform import __version__, storage
@@ -94,6 +93,34 @@ def headline_metrics(flat: dict[str, float], benchmarks: Sequence[BenchmarkSet],
         if name in names:
             metrics[f"prompted/{name}/acc1"] = flat[f"{name}/acc1"]
     return metrics
+
+
+AT_CHANCE_FACTOR = 1.5  # a metric every arm scores below this multiple of chance cannot rank the arms
+
+
+def chance_levels(metrics: Sequence[str], benchmarks: Sequence[BenchmarkSet]) -> dict[str, float]:
+    """What a student that learned nothing scores on each headline metric (1/classes; k/N for recall@k)."""
+    by_name = {benchmark.name: benchmark for benchmark in benchmarks}
+    classification = [b for b in benchmarks if b.task == CLASSIFICATION and b.classnames]
+    task_sets = [b for b in classification if b.name in DEMO_TASK_SETS] or classification
+    retrieval = [b for b in benchmarks if b.task == RETRIEVAL]
+    levels: dict[str, float] = {}
+    for metric in metrics:
+        if metric == MEAN_ACC1 and task_sets:
+            levels[metric] = sum(1 / len(b.classnames) for b in task_sets) / len(task_sets)
+        elif metric == RETRIEVAL_R5 and retrieval:
+            levels[metric] = sum(min(1.0, 5 / b.samples) for b in retrieval) / len(retrieval)
+        elif metric.startswith("prompted/") and by_name.get(metric.split("/")[1], None) is not None:
+            classes = by_name[metric.split("/")[1]].classnames
+            if classes:
+                levels[metric] = 1 / len(classes)
+    return levels
+
+
+def at_chance(summary: dict[str, Any], chance: dict[str, float]) -> list[str]:
+    """Headline metrics on which every arm stays near chance: the scale is too small to measure them."""
+    return [metric for metric, level in chance.items()
+            if all(by_metric[metric]["mean"] <= AT_CHANCE_FACTOR * level for by_metric in summary["arms"].values())]
 
 
 def benchmark_identity(benchmarks: Sequence[BenchmarkSet]) -> list[dict[str, Any]]:
@@ -179,6 +206,8 @@ def evaluate_release(release_uri: str, evaluations_uri: str, scale: EvalScale, b
     metrics = list(runs[0]["metrics"])
     results = {(run["arm"], run["seed"]): run.pop("results") for run in runs}
     compute = runs[0]["compute"]
+    summary = summarise_runs(runs, metrics, list(baselines))
+    chance = chance_levels(metrics, benchmarks)
     if {(run["compute"]["samples_seen"], run["compute"]["batch_size"]) for run in runs} != {
             (compute["samples_seen"], compute["batch_size"])}:
         raise RuntimeError("the arms did not see the same number of samples: not an equal-compute comparison")
@@ -188,16 +217,10 @@ def evaluate_release(release_uri: str, evaluations_uri: str, scale: EvalScale, b
         "scale": scale.to_dict(), "seeds": seeds, "baselines": list(baselines), "benchmarks": identity,
         "headline_metrics": metrics, "compute": {"samples_seen": compute["samples_seen"], "steps": compute["steps"],
                                                  "batch_size": compute["batch_size"]},
-        "runs": runs, "summary": summarise_runs(runs, metrics, list(baselines)),
+        "runs": runs, "summary": summary, "chance": chance, "at_chance": at_chance(summary, chance),
         "machine": cpu_description() | {"device": compute["device"]}, "package_version": __version__,
         "trainer": f"open_clip_train {version('open_clip_torch')}",
         "evaluator": f"clip_benchmark {version('clip-benchmark')}",
     }
     uri = publish_record(record, results, evaluations_uri, s3)
     return Evaluated(uri, json.loads(storage.read_bytes(storage.join(uri, "record.json"), s3)))
-
-
-def runs_table(record: dict[str, Any]) -> pl.DataFrame:
-    """Every run of a record as one row per (arm, seed) with its headline metrics (for printing)."""
-    return pl.DataFrame([{"arm": run["arm"], "seed": run["seed"], "size": run["size"], **run["metrics"]}
-                         for run in record["runs"]])

@@ -47,12 +47,12 @@ from curation_platform.formats.img2dataset import (
 )
 from curation_platform.layout import ShardOutputs
 from curation_platform.pool import partition_key_for
+from curation_platform.releases.artefacts import CHECKSUMS, SAMPLES, SUBSET, npy_bytes, sha256_hex, subset_array
 from curation_platform.storage import S3Settings
 
 EXPORT_FORMAT = "webdataset"
 EXPORT_FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-CHECKSUMS = "SHA256SUMS"
 IN_PROGRESS = ".export-in-progress.json"  # the export's identity, while its shards are being written
 MAX_READ_SPAN = 8 << 20  # bytes read from a pool tar at once (neighbouring members coalesced)
 MAX_READ_GAP = 256 << 10  # neighbouring members closer than this are read together
@@ -94,7 +94,6 @@ def export_release(release_uri: str, out_uri: str, *, samples_per_shard: int = 1
     when the release's recipe has ``[weights]``."""
     import io
 
-    from curation_platform.releases.artefacts import SAMPLES, SUBSET
     from curation_platform.releases.store import open_release
 
     release = open_release(release_uri, s3)
@@ -105,14 +104,14 @@ def export_release(release_uri: str, out_uri: str, *, samples_per_shard: int = 1
         raise ExportError(f"release {release.release_id} records no pool_uri/validated_uri in its sources "
                           "(create it with the pool's location, e.g. `release create --pool URI`)")
     data = storage.read_bytes(storage.join(release_uri, SAMPLES), s3)
-    if _sha256(data) != manifest["samples_sha256"]:
+    if sha256_hex(data) != manifest["samples_sha256"]:
         raise ExportError(f"{storage.join(release_uri, SAMPLES)} does not match its manifest's samples_sha256: "
                           "the release was modified (run `release verify`)")
     samples = pl.read_parquet(io.BytesIO(data))
     if manifest.get("weights") is None and "weight" in samples.columns:
         samples = samples.drop("weight")  # unweighted recipes write weight 1 everywhere: not a weighting
     subset_uri = storage.join(release_uri, SUBSET)
-    expected_subset = _sha256(storage.read_bytes(subset_uri, s3)) if storage.exists(subset_uri, s3) else None
+    expected_subset = sha256_hex(storage.read_bytes(subset_uri, s3)) if storage.exists(subset_uri, s3) else None
     provenance = {name: manifest[name] for name in ("release_id", "name", "version", "samples_sha256")}
     exported = export_samples(samples, out_uri, pool_uri=pool_uri, validated_uri=validated_uri,
                               provenance=provenance, samples_per_shard=samples_per_shard, s3=s3, on_shard=on_shard)
@@ -130,12 +129,11 @@ def export_samples(samples: pl.DataFrame, out_uri: str, *, pool_uri: str, valida
     """
     samples = _checked_samples(samples, samples_per_shard)
     weighted = "weight" in samples.columns
-    out_uri = _absolute(out_uri)
-    from curation_platform.releases.artefacts import npy_bytes, subset_array
+    out_uri = storage.absolute(out_uri)
 
     identity = _normalised({
         "format": EXPORT_FORMAT, "format_version": EXPORT_FORMAT_VERSION, "provenance": provenance,
-        "subset_sha256": _sha256(npy_bytes(subset_array(samples["uid"].to_list()))),
+        "subset_sha256": sha256_hex(npy_bytes(subset_array(samples["uid"].to_list()))),
         "samples": samples.height, "samples_per_shard": samples_per_shard, "weights": weighted,
     })
     _claim(out_uri, identity, s3)
@@ -148,7 +146,7 @@ def export_samples(samples: pl.DataFrame, out_uri: str, *, pool_uri: str, valida
                 "key_digits": writer.key_digits, "shards": writer.finished}
     manifest_bytes = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
     storage.write_bytes_atomic(storage.join(out_uri, MANIFEST), manifest_bytes, s3)
-    sums = {shard["name"]: shard["sha256"] for shard in writer.finished} | {MANIFEST: _sha256(manifest_bytes)}
+    sums = {shard["name"]: shard["sha256"] for shard in writer.finished} | {MANIFEST: sha256_hex(manifest_bytes)}
     checksums = "".join(f"{digest}  {name}\n" for name, digest in sorted(sums.items()))
     storage.write_bytes_atomic(storage.join(out_uri, CHECKSUMS), checksums.encode(), s3)
     _delete(storage.join(out_uri, IN_PROGRESS), s3)
@@ -196,19 +194,11 @@ def _check_shard_name(shard: str) -> None:
         raise ExportError(str(error)) from error
 
 
-def _absolute(uri: str) -> str:
-    return uri if storage.is_s3(uri) else str(Path(uri).expanduser().resolve())
-
-
 def _normalised(value: dict) -> dict:
     try:
         return json.loads(json.dumps(value, sort_keys=True))
     except (TypeError, ValueError) as error:
         raise ExportError(f"provenance must be JSON-serialisable: {error}") from error
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 # -- the output folder --------------------------------------------------------------------------
@@ -409,7 +399,7 @@ def _source_samples(shard: str, rows: pl.DataFrame, pool_uri: str, validated_uri
         tar_size = tar.size()
         records = validated.to_dicts()
         for record, image in zip(records, _read_ranges(tar, tar_uri, tar_size, records)):
-            if _sha256(image) != record["image_sha256"]:
+            if sha256_hex(image) != record["image_sha256"]:
                 raise ExportError(f"image of uid {record['uid']} in {tar_uri} (offset {record['image_offset']}) does "
                                   "not match its validated sha256: the pool shard changed since ingestion, re-ingest it")
             yield record, image

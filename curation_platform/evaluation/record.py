@@ -29,6 +29,7 @@ import polars as pl
 
 from curation_platform import storage
 from curation_platform.analysis import panel_grid
+from curation_platform.evaluation.arms import ARMS
 from curation_platform.releases.artefacts import (
     CHECKSUMS,
     FolderCheck,
@@ -75,7 +76,7 @@ def compare(release: ArmSummary, baseline: ArmSummary) -> dict[str, Any]:
 
 def summarise_runs(runs: list[dict[str, Any]], metrics: list[str], baselines: list[str]) -> dict[str, Any]:
     """Per arm and metric mean / sd / n, and every baseline compared with the release."""
-    arms = sorted({run["arm"] for run in runs}, key=["release", "random", "pool"].index)
+    arms = sorted({run["arm"] for run in runs}, key=ARMS.index)
     summary = {arm: {metric: summarise_arm([run["metrics"][metric] for run in runs if run["arm"] == arm])
                      for metric in metrics} for arm in arms}
     comparisons = {baseline: {metric: compare(summary["release"][metric], summary[baseline][metric])
@@ -154,6 +155,9 @@ def report_markdown(record: dict[str, Any]) -> str:
         for metric, comparison in by_metric.items():
             lines.append(f"| {baseline} | {metric} | {comparison['difference']:+.3f} | "
                          f"{comparison['standard_error']:.3f} | {comparison['verdict']} |")
+    for metric in record["at_chance"]:
+        lines.insert(3, f"**At chance:** every arm scores {metric} near chance "
+                        f"({record['chance'][metric]:.3f}); this scale cannot rank the arms on it.\n")
     lines += ["", "![metrics](figures/metrics.png)", ""]
     return "\n".join(lines)
 
@@ -201,7 +205,7 @@ def leaderboard(evaluations_uri: str, s3: S3Settings | None = None) -> pl.DataFr
     headline = next(name for name in frame.columns if name.endswith("_mean"))
     order = (frame.filter(pl.col("arm") == "release").sort(headline, descending=True)
              .with_row_index("rank", offset=1).select("release_id", "rank"))
-    arm_order = pl.col("arm").replace_strict({"release": 0, "random": 1, "pool": 2}, return_dtype=pl.Int8)
+    arm_order = pl.col("arm").replace_strict({arm: rank for rank, arm in enumerate(ARMS)}, return_dtype=pl.Int8)
     return frame.join(order, on="release_id").sort("rank", arm_order).select("rank", pl.exclude("rank"))
 
 
