@@ -11,6 +11,13 @@ from curation_platform.storage import S3Settings
 # warning is raised when the asset modules below are imported.
 warnings.filterwarnings("ignore", category=dg.PreviewWarning)
 
+from curation_platform_dagster.defs.duplicates import (
+    duplicate_groups,
+    duplicate_groups_are_consistent,
+    duplicate_pairs,
+    evaluation_set_embeddings,
+    image_index,
+)
 from curation_platform_dagster.defs.embeddings import embeddings, embeddings_meet_expectations
 from curation_platform_dagster.defs.evaluation import evaluation_asset
 from curation_platform_dagster.defs.ingestion import (
@@ -22,6 +29,7 @@ from curation_platform_dagster.defs.ingestion import (
 )
 from curation_platform_dagster.defs.releases import load_recipes, release_asset
 from curation_platform_dagster.defs.resources import (
+    DuplicatesResource,
     EvaluationResource,
     PlatformResource,
     ScoringResource,
@@ -44,8 +52,8 @@ automation_sensor = dg.AutomationConditionSensorDefinition(
 
 
 shard_pipeline = dg.define_asset_job(
-    "shard_pipeline", selection=[validated_samples, embeddings, shard_scores],
-    description="Ingest, embed and score shards: the job behind CLI backfills and single-shard retries.",
+    "shard_pipeline", selection=[validated_samples, embeddings, shard_scores, duplicate_pairs],
+    description="Ingest, embed, score and deduplicate shards: the job behind CLI backfills and single-shard retries.",
 )
 
 
@@ -58,11 +66,12 @@ def build_definitions(settings: dict | None = None, resources: dict | None = Non
         "teacher_config": TeacherResource(**settings.get("teacher", {})),
         "scoring": ScoringResource(**settings.get("scoring", {})),
         "evaluation": EvaluationResource(**settings.get("evaluation", {})),
+        "duplicates": DuplicatesResource(**settings.get("duplicates", {})),
         "training_progress": no_progress,
     } | (resources or {})
     checks = [teacher_gate(blocking=resources["teacher_config"].blocks), shard_reconciles, samples_meet_expectations,
               quarantine_rate_within_bound, embeddings_meet_expectations, scores_meet_expectations,
-              statistics_are_sane]
+              statistics_are_sane, duplicate_groups_are_consistent]
     check_keys = [key for check in checks for key in check.check_keys]
     recipes = load_recipes(resources["platform"].recipes_dir)
     releases = [release_asset(recipe, check_keys) for recipe in recipes]
@@ -71,7 +80,8 @@ def build_definitions(settings: dict | None = None, resources: dict | None = Non
                    for recipe, release in zip(recipes, releases, strict=True)]
     return dg.Definitions(
         assets=[validated_samples, teacher, embeddings, reference_sample, normsim_target, shard_scores,
-                score_statistics, *releases, *evaluations],
+                score_statistics, evaluation_set_embeddings, image_index, duplicate_pairs, duplicate_groups,
+                *releases, *evaluations],
         asset_checks=checks,
         jobs=[shard_pipeline],
         sensors=[shard_discovery_sensor, automation_sensor],

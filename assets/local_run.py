@@ -31,6 +31,7 @@ from curation_platform_dagster.definitions import build_definitions
 from curation_platform_dagster.defs.evaluation import IN_MAIN_JOB
 from curation_platform_dagster.defs.ingestion import shard_partitions
 from curation_platform_dagster.defs.resources import (
+    DuplicatesResource,
     EvaluationResource,
     PlatformResource,
     ScoringResource,
@@ -78,6 +79,7 @@ def main_job_definitions(home: str, *, pool: str | None = None, teacher: dict | 
         "teacher_config": TeacherResource(**(settings.get("teacher", {}) | (teacher or {}))),
         "scoring": ScoringResource(**(settings.get("scoring", {}) | (scoring or {}))),
         "evaluation": EvaluationResource(**(settings.get("evaluation", {}) | (evaluation or {}))),
+        "duplicates": DuplicatesResource(**settings.get("duplicates", {})),
         "training_progress": training_progress or no_progress,
     }
     return build_definitions(settings, resources)

@@ -43,6 +43,7 @@ DEFAULT_HOME = "curation_home"
 SETTINGS_FILE = "curation.json"
 GROUND_TRUTH_FILE = "ground_truth.parquet"
 DEMO_SPLITS = ("pool", "reference", "target", "eval")  # never reorder: an index seeds its random streams
+DEMO_EVALUATION_SET = "demo-eval"  # the name decontamination gives the demo's eval split
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,19 @@ class ProjectLayout:
         return self._under("state")
 
     @property
+    def exact_duplicates(self) -> str:
+        """The exact-duplicate index: one hash file per shard (:class:`curation_platform.dedup.ExactDuplicateIndex`)."""
+        return self._under("duplicates", "exact")
+
+    def evaluation_sets(self, registered: dict[str, str], s3: S3Settings | None = None) -> dict[str, str]:
+        """The evaluation sets decontamination checks (name -> location): the registered ones, else the
+        demo's eval split (as ``demo-eval``) when the home has one, else none."""
+        if registered:
+            return dict(registered)
+        demo_eval = self.demo_split("eval")
+        return {DEMO_EVALUATION_SET: demo_eval} if storage.exists(demo_eval, s3) else {}
+
+    @property
     def checksum_cache(self) -> Path | None:
         """The shard-checksum cache (SQLite, so only for a local home)."""
         return None if storage.is_s3(self.home) else Path(self.state, "checksums.sqlite")
@@ -155,7 +169,7 @@ class ProjectLayout:
         code location's :meth:`tool_home`)."""
         return {"curation.json": self.settings_file, "validated/": self.validated, "lancedb/": self._under("lancedb"),
                 "releases/": self.releases, "recipes/": self._under("recipes"), "analysis/": self.analysis,
-                "evaluations/": self.evaluations,
+                "evaluations/": self.evaluations, "duplicates/": self._under("duplicates"),
                 "teacher/": self.teacher, "state/": self.state, "demo/": self.demo}
 
     def tool_home(self, tool: str) -> str:

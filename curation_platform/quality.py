@@ -27,6 +27,7 @@ from functools import cache
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -55,6 +56,9 @@ _PARTIAL_VALUES = 5
 _TEXT_CHARS = 80
 _PIXELS, _CAPTION_LENGTH = "pixels", "caption_length"
 _UNACCEPTED_UID = "unaccepted_uid"
+_UNEMBEDDED_UID = "member_without_embedding"
+_KIND_UID = "kind_and_uid"
+_GROUP_SIZE = "group_size"
 _VECTOR_CHUNK = 16_384
 _SUMMARY_COLUMNS = ("score", "count", "nan_count", "mean", "std", "min", "max")
 
@@ -230,6 +234,38 @@ def statistics_suite(summary: pa.Table) -> SuiteResult:
         gxe.ExpectColumnValuesToBeBetween(column="max_above_mean", min_value=-STATISTICS_TOLERANCE),
     ]
     return _validate("statistics", summary, _summary_columns, checks)
+
+
+def duplicate_groups_suite(groups: pa.Table, embedded_uids: pa.Array, *, max_rows: int = MAX_ROWS) -> SuiteResult:
+    """Duplicate groups are well formed: every member has an embedding of the teacher, a sample is in at
+    most one group of each kind (groups are disjoint), every group has two or more members, and the
+    similarity that joined a member is a cosine in [-1, 1] (1 for exact groups)."""
+    gxe = _expectations()
+    checks = [
+        gxe.ExpectColumnValuesToNotBeNull(column="uid"),
+        gxe.ExpectColumnValuesToBeInSet(column="kind", value_set=["image", "caption", "near"]),
+        gxe.ExpectColumnValuesToBeBetween(column="similarity", min_value=-1.0, max_value=1.0),
+    ]
+    embedded = pa.array(embedded_uids, pa.string())
+
+    def membership(table: pa.Table) -> pa.Table:
+        if not {"uid", "kind", "group_id"} <= set(table.column_names):
+            return table.select([])
+        uid = table.column("uid")
+        sizes = pl.from_arrow(table.select(["kind", "group_id"])).select(pl.len().over("kind", "group_id"))
+        return pa.table({
+            _UNEMBEDDED_UID: pc.if_else(pc.is_in(uid, value_set=embedded), pa.scalar(None, pa.string()), uid),
+            _KIND_UID: pc.binary_join_element_wise(table.column("kind"), uid, "/"),
+            _GROUP_SIZE: sizes.to_series().to_arrow(),
+        })
+
+    whole_table = [
+        gxe.ExpectColumnValuesToBeNull(column=_UNEMBEDDED_UID),
+        gxe.ExpectColumnValuesToBeUnique(column=_KIND_UID),
+        gxe.ExpectColumnValuesToBeBetween(column=_GROUP_SIZE, min_value=2),
+    ]
+    return _validate("duplicate_groups", groups, _select("uid", "kind", "similarity"), checks, membership,
+                     whole_table, max_rows)
 
 
 # -- derived columns ----------------------------------------------------------------------------

@@ -227,6 +227,97 @@ class NormSimD:
                 "sample_fraction": self.sample_fraction, "seed": self.seed, "of": self.of}
 
 
+# -- duplicates and contamination --------------------------------------------------------------
+
+DEDUP_KINDS = ("image", "caption", "near")
+
+
+def duplicate_column(kind: str) -> str:
+    """The frame column holding a sample's ``kind`` duplicate-group id (null outside any group)."""
+    if kind not in DEDUP_KINDS:
+        raise ValueError(f"duplicate kind must be one of {DEDUP_KINDS}, got {kind!r}")
+    return f"dup_{kind}"
+
+
+CONTAMINATED_BY = "contaminated_by"  # list of evaluation-set names a sample nearly copies
+
+
+@dataclass(frozen=True)
+class Dedup:
+    """Keep one representative per duplicate group among the rows that reach this stage.
+
+    Groups of the chosen ``kinds`` (``image``: same bytes, ``caption``: same normalised caption,
+    ``near``: image cosine >= 1 - eps) are merged where they share a member; the representative is the
+    member with the best ``keep`` score (``descending``; null and NaN last, ties by ascending uid).
+    Rows outside every group all stay. This stage materialises the grouped rows it receives.
+    """
+
+    keep: str
+    kinds: tuple[str, ...] = ("image", "near")
+    descending: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.kinds:
+            raise ValueError("give at least one duplicate kind")
+        for kind in self.kinds:
+            duplicate_column(kind)
+
+    def apply(self, frame: pl.LazyFrame, pool_size: int | None = None) -> pl.LazyFrame:
+        columns = [duplicate_column(kind) for kind in self.kinds]
+        grouped = (frame.filter(pl.any_horizontal(pl.col(columns).is_not_null()))
+                   .select(UID, _score(self.keep).alias("keep"), *columns).collect())
+        if grouped.is_empty():
+            return frame
+        component = _merged_groups(grouped[UID].to_list(), [grouped[name].to_list() for name in columns])
+        ranked = (grouped.select(UID, "keep").with_columns(component=pl.Series(component))
+                  .sort("keep", UID, descending=[self.descending, False], nulls_last=True))
+        dropped = ranked.filter(pl.int_range(pl.len()).over("component") > 0)[UID]
+        return frame.join(pl.LazyFrame({UID: dropped}), on=UID, how="anti")
+
+    def describe(self) -> dict[str, Any]:
+        return {"policy": "dedup", "kinds": list(self.kinds), "keep": self.keep, "descending": self.descending}
+
+
+def _merged_groups(uids: list[str], group_columns: list[list[str | None]]) -> list[int]:
+    """Per row, a component id: rows sharing any group id (in the same column) are one component."""
+    parent = list(range(len(uids)))
+
+    def find(item: int) -> int:
+        while parent[item] != item:
+            parent[item] = parent[parent[item]]
+            item = parent[item]
+        return item
+
+    for column in group_columns:
+        first: dict[str, int] = {}
+        for row, group in enumerate(column):
+            if group is None:
+                continue
+            if group in first:
+                a, b = find(first[group]), find(row)
+                if a != b:
+                    parent[max(a, b)] = min(a, b)
+            else:
+                first[group] = row
+    return [find(row) for row in range(len(uids))]
+
+
+@dataclass(frozen=True)
+class Decontaminate:
+    """Drop rows that nearly copy an image of any of the named evaluation ``sets`` (all flagged sets if empty)."""
+
+    sets: tuple[str, ...] = ()
+
+    def apply(self, frame: pl.LazyFrame, pool_size: int | None = None) -> pl.LazyFrame:
+        flagged = pl.col(CONTAMINATED_BY)
+        hit = flagged.list.len() > 0 if not self.sets else flagged.list.set_intersection(
+            pl.lit(list(self.sets), dtype=pl.List(pl.String))).list.len() > 0
+        return frame.filter(~hit.fill_null(False))
+
+    def describe(self) -> dict[str, Any]:
+        return {"policy": "decontaminate", "sets": list(self.sets) or "all"}
+
+
 # -- combinators --------------------------------------------------------------------------------
 
 @dataclass(frozen=True, init=False)

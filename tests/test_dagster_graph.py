@@ -22,8 +22,9 @@ from curation_platform_dagster.local_run import materialize_graph
 from tests.helpers.demo import build_small_demo_pool
 from tests.helpers.teachers import TINY_STUDENT, tiny_teacher_dir
 
-PER_SHARD = ("validated_samples", "embeddings", "shard_scores")
-GLOBAL = ("teacher", "reference_sample", "normsim_target", "score_statistics")
+PER_SHARD = ("validated_samples", "embeddings", "shard_scores", "duplicate_pairs")
+GLOBAL = ("teacher", "reference_sample", "normsim_target", "score_statistics", "evaluation_set_embeddings",
+          "image_index", "duplicate_groups")
 PROMPT = "a photo of a geometric shape"
 RECIPE = 'name = "clip-top"\n[[stage]]\ntype = "top_fraction"\nscore = "clip_score"\nfraction = 0.5\n'
 
@@ -35,7 +36,8 @@ def test_definitions_validate() -> None:
     assert set(PER_SHARD + GLOBAL) <= keys
     checks = {key.name for key in loaded.resolve_asset_graph().asset_check_keys}
     assert {"shard_reconciles", "samples_meet_expectations", "embeddings_meet_expectations",
-            "scores_meet_expectations", "statistics_are_sane", "quarantine_rate_within_bound"} <= checks
+            "scores_meet_expectations", "statistics_are_sane", "quarantine_rate_within_bound",
+            "duplicate_groups_are_consistent"} <= checks
 
 
 def _graph(tmp_path: Path, demo_pool_dir: Path) -> tuple[dg.Definitions, Path]:
@@ -103,12 +105,18 @@ def test_whole_graph_then_only_the_new_shard(tmp_path: Path, demo_pool_dir: Path
     good = by_step[(("validated_samples", "embeddings"), "00000")]
     accepted = good.materialized["validated_samples"]["accepted"]
     assert good.success and good.materialized["embeddings"]["dagster/row_count"] == accepted > 100
-    scores = by_step[(("shard_scores",), "00000")]
+    scores = by_step[(("duplicate_pairs", "shard_scores"), "00000")]
     assert scores.success and scores.materialized["shard_scores"]["dagster/row_count"] == accepted
-    statistics = by_step[(("score_statistics",), None)].materialized["score_statistics"]
+    pairs = scores.materialized["duplicate_pairs"]
+    assert pairs["rows_read"] == accepted <= pairs["index_queries"], "only the shard's own rows are read"
+    pool_wide = by_step[(("duplicate_groups", "score_statistics"), None)]
+    assert pool_wide.checks["duplicate_groups:duplicate_groups_are_consistent"]["passed"]
+    assert "data:image/png;base64," in pool_wide.materialized["duplicate_groups"]["group_sizes"]
+    statistics = pool_wide.materialized["score_statistics"]
     assert statistics["dagster/row_count"] == accepted and statistics["shards"] == 1
     assert "kl_text_coverage_png" in statistics and "data:image/png;base64," in statistics["score_histograms_png"]
-    reference = by_step[(("normsim_target", "reference_sample"), None)].materialized
+    reference = by_step[(("evaluation_set_embeddings", "image_index", "normsim_target", "reference_sample"),
+                         None)].materialized
     assert reference["reference_sample"]["dagster/row_count"] == 100
     assert reference["normsim_target"]["dagster/row_count"] > 0
     release = by_step[(("release_clip_top",), None)].materialized["release_clip_top"]
@@ -152,9 +160,10 @@ def test_whole_graph_then_only_the_new_shard(tmp_path: Path, demo_pool_dir: Path
                                                    evaluation_time=start + dt.timedelta(minutes=minutes))
         cursor = result.cursor
         executed |= _execute_requests(graph, instance, result)
-    assert executed == {("embeddings", "00002"), ("shard_scores", "00002"), ("score_statistics", None)}
+    assert executed == {("embeddings", "00002"), ("shard_scores", "00002"), ("image_index", None),
+                        ("duplicate_pairs", "00002"), ("score_statistics", None), ("duplicate_groups", None)}
     after = {asset: _materialised(instance, asset) for asset in PER_SHARD + GLOBAL}
-    for asset in ("teacher", "reference_sample", "normsim_target"):
+    for asset in ("teacher", "reference_sample", "normsim_target", "evaluation_set_embeddings"):
         assert after[asset] == before[asset], f"{asset} was recomputed"
     for asset in PER_SHARD:
         assert after[asset]["00000"] == before[asset]["00000"], f"{asset}[00000] was recomputed"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import re
 import tarfile
 from collections import Counter
@@ -18,8 +19,10 @@ from PIL import Image
 from curation_platform.demo import CorruptionKind, CorruptionRates, DemoPoolConfig, build_demo_pool
 from curation_platform.demo.attributes import DOMAINS, sample_attributes
 from curation_platform.demo.captions import GENERIC_CAPTIONS, underspecified_caption
-from curation_platform.demo.corruptions import exact_counts
+from curation_platform.demo.corruptions import CORRUPTION_KINDS, RATE_KINDS, CorruptionPlan, exact_counts
 from curation_platform.demo.evaluation import EVAL_TASKS
+from curation_platform.demo.pool import _plan_splits
+from curation_platform.demo.samples import Stream, stream_rng
 from curation_platform.demo.vocabulary import COLOURS
 from curation_platform.formats.img2dataset import (
     TAR_MEMBER_MTIME,
@@ -63,6 +66,22 @@ def rates_pool(tmp_path_factory: pytest.TempPathFactory) -> Path:
         out=out, shards=2, samples_per_shard=500, reference_samples=0, target_samples=0, eval_samples=0
     )
     build_demo_pool(config)
+    return out
+
+
+@pytest.fixture(scope="module")
+def no_eval_copy_pool(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The small pool as it was before eval copies: same seed, ``eval_copy_rate=0``."""
+    out = tmp_path_factory.mktemp("no_eval_copies") / "demo"
+    build_demo_pool(DemoPoolConfig(out=out, seed=7, eval_copy_rate=0.0, **SMALL))
+    return out
+
+
+@pytest.fixture(scope="module")
+def eval_copy_pool(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The small pool with more eval copies (6 of 120), so several can be checked at once."""
+    out = tmp_path_factory.mktemp("eval_copies") / "demo"
+    build_demo_pool(DemoPoolConfig(out=out, seed=7, eval_copy_rate=0.05, **SMALL))
     return out
 
 
@@ -226,7 +245,7 @@ def test_corruption_shares_match_rates(rates_pool: Path) -> None:
     truth = [row for row in pq.read_table(rates_pool / "ground_truth.parquet").to_pylist() if row["split"] == "pool"]
     counts = Counter(row["corruption"] for row in truth)
     rates = CorruptionRates()
-    assert set(counts) == {kind.value for kind in CorruptionKind}
+    assert set(counts) == {kind.value for kind in RATE_KINDS}  # no eval split, so no eval copies
     for kind in CorruptionKind:
         assert abs(counts[kind.value] / len(truth) - rates.rate(kind)) <= 0.5 / len(truth) + 1e-9, kind
     assert counts == {kind.value: count for kind, count in exact_counts(rates, len(truth)).items()}
@@ -330,6 +349,118 @@ def test_config_is_validated(tmp_path: Path) -> None:
         DemoPoolConfig(out=tmp_path, target_domains=("faces",))
     with pytest.raises(ValueError, match="reference_underspecified_share"):
         DemoPoolConfig(out=tmp_path, reference_underspecified_share=1.5)
+    with pytest.raises(ValueError, match="eval_copy_rate"):
+        DemoPoolConfig(out=tmp_path, eval_copy_rate=-0.1)
     (tmp_path / "stale.txt").write_text("x")
     with pytest.raises(FileExistsError):
         build_demo_pool(DemoPoolConfig(out=tmp_path, shards=1, samples_per_shard=5))
+
+
+def split_images(directory: Path) -> dict[str, bytes]:
+    """Image bytes of a split's successful samples, by key."""
+    images = {}
+    for tar in sorted(directory.glob("*.tar")):
+        for info, data in tar_members(tar):
+            key, extension = info.name.split(".")
+            if extension in ("jpg", "png"):
+                images[key] = data
+    return images
+
+
+def thumbnail(data: bytes) -> np.ndarray:
+    image = Image.open(io.BytesIO(data)).convert("L").resize((32, 32), Image.Resampling.BILINEAR)
+    return np.asarray(image, dtype=np.float64)
+
+
+def test_eval_copy_count_follows_the_rate(tmp_path: Path) -> None:
+    assert DemoPoolConfig(out=tmp_path).eval_copies_wanted == 8  # default: ceil(0.004 x 4 x 500)
+    assert DemoPoolConfig(out=tmp_path, shards=2, samples_per_shard=150).eval_copies_wanted == 2
+    assert DemoPoolConfig(out=tmp_path, **SMALL).eval_copies_wanted == 1  # ceil(0.48)
+    assert DemoPoolConfig(out=tmp_path, eval_samples=0).eval_copies_wanted == 0
+    assert DemoPoolConfig(out=tmp_path, eval_copy_rate=0.0).eval_copies_wanted == 0
+    assert DemoPoolConfig(out=tmp_path, eval_copy_rate=1.0, eval_samples=30).eval_copies_wanted == 30
+    assert CorruptionRates().rate(CorruptionKind.EVAL_COPY) == 0.0
+    assert CORRUPTION_KINDS[-1] is CorruptionKind.EVAL_COPY and RATE_KINDS == CORRUPTION_KINDS[:-1]
+
+
+def test_eval_copies_convert_only_unborrowed_clean_samples(tmp_path: Path) -> None:
+    """The default plan: 8 copies of distinct eval samples, taken from clean samples nothing borrows from."""
+    config = DemoPoolConfig(out=tmp_path)
+    before = CorruptionPlan.assign(config.rates, config.pool_samples, stream_rng(config.seed, "pool", Stream.PLAN))
+    plan = _plan_splits(config)[0].corruptions
+    assert plan is not None
+    copy, clean = CORRUPTION_KINDS.index(CorruptionKind.EVAL_COPY), CORRUPTION_KINDS.index(CorruptionKind.CLEAN)
+    converted = np.flatnonzero(plan.kinds != before.kinds)
+    assert converted.size == 8 and (plan.kinds[converted] == copy).all() and (before.kinds[converted] == clean).all()
+    assert not np.isin(converted, before.sources).any() and not before.duplicated[converted].any()
+    eval_indices = plan.sources[converted]
+    assert len(set(eval_indices.tolist())) == 8 and ((eval_indices >= 0) & (eval_indices < config.eval_samples)).all()
+    unchanged = np.ones(config.pool_samples, dtype=bool)
+    unchanged[converted] = False
+    assert (plan.sources[unchanged] == before.sources[unchanged]).all()
+    assert (plan.duplicated == before.duplicated).all()
+    # Capped by what is available: every clean sample nothing borrows from, and no more.
+    everything = before.with_eval_copies(config.pool_samples, config.pool_samples, np.random.default_rng(0))
+    available = (before.kinds == clean) & ~np.isin(np.arange(config.pool_samples), before.sources) & ~before.duplicated
+    assert int((everything.kinds == copy).sum()) == int(available.sum())
+
+
+def test_pool_holds_labelled_eval_copies(small_pool: Path, eval_copy_pool: Path) -> None:
+    for pool, expected in ((small_pool, 1), (eval_copy_pool, math.ceil(0.05 * 120))):
+        truth = pq.read_table(pool / "ground_truth.parquet").to_pylist()
+        eval_rows = {row["uid"]: row for row in truth if row["split"] == "eval"}
+        copies = [row for row in truth if row["corruption"] == "eval_copy"]
+        assert len(copies) == expected
+        assert all(row["split"] == "pool" for row in copies)
+        assert len({row["corruption_detail"] for row in copies}) == expected  # distinct eval samples
+        for row in copies:
+            original = eval_rows[row["corruption_detail"]]
+            assert (row["attributes"], row["domain"]) == (original["attributes"], original["domain"])
+            assert row["duplicate_group"] is None and row["language"] == "en"
+        manifest = json.loads((pool / "demo_pool.json").read_text())
+        assert manifest["splits"]["pool"]["corruptions"]["eval_copy"] == expected
+        assert manifest["splits"]["eval"]["corruptions"]["eval_copy"] == 0
+        assert "eval_copy_rate" in manifest["config"]
+
+
+def test_eval_copies_look_like_their_eval_image(eval_copy_pool: Path) -> None:
+    truth = pq.read_table(eval_copy_pool / "ground_truth.parquet").to_pylist()
+    stored = {row["uid"]: row for split in ("pool", "eval") for row in rows(eval_copy_pool / split)}
+    pool_images, eval_images = split_images(eval_copy_pool / "pool"), split_images(eval_copy_pool / "eval")
+    eval_thumbnails = {row["uid"]: thumbnail(eval_images[row["key"]]) for row in truth if row["split"] == "eval"}
+    copies = [row for row in truth if row["corruption"] == "eval_copy"]
+    assert copies
+    for row in copies:
+        copy, original = stored[row["uid"]], stored[row["corruption_detail"]]
+        assert copy["sha256"] != original["sha256"] and pool_images[row["key"]] != eval_images[original["key"]]
+        assert copy["caption"] != original["caption"]
+        assert copy["url"].endswith(".jpg") and pool_images[row["key"]][:2] == b"\xff\xd8"
+        image = thumbnail(pool_images[row["key"]])
+        own = np.abs(image - eval_thumbnails[original["uid"]]).mean()
+        others = [np.abs(image - other).mean() for uid, other in eval_thumbnails.items() if uid != original["uid"]]
+        assert own < min(others) and own < 0.5 * float(np.median(others)), (own, min(others), np.median(others))
+
+
+def test_eval_copies_move_no_other_sample(no_eval_copy_pool: Path, small_pool: Path, eval_copy_pool: Path) -> None:
+    """Only the converted samples differ from the pool without eval copies; the other splits not at all."""
+    expected_truth = pq.read_table(no_eval_copy_pool / "ground_truth.parquet").to_pylist()
+    expected_rows = rows(no_eval_copy_pool / "pool")
+    expected_images = split_images(no_eval_copy_pool / "pool")
+    for pool in (small_pool, eval_copy_pool):
+        truth = pq.read_table(pool / "ground_truth.parquet").to_pylist()
+        converted = {row["uid"] for row in truth if row["corruption"] == "eval_copy"}
+        assert converted
+        assert len(truth) == len(expected_truth)
+        differing = {row["uid"] for row, before in zip(truth, expected_truth, strict=True) if row != before}
+        assert differing == converted
+        assert all(before["corruption"] == "clean" for before in expected_truth if before["uid"] in converted)
+        pool_rows = rows(pool / "pool")
+        assert [row["key"] for row in pool_rows] == [row["key"] for row in expected_rows]
+        assert {row["uid"] for row, before in zip(pool_rows, expected_rows, strict=True) if row != before} <= converted
+        keys = {row["key"] for row in pool_rows if row["uid"] in converted}
+        images = split_images(pool / "pool")
+        assert {key: data for key, data in images.items() if key not in keys} == {
+            key: data for key, data in expected_images.items() if key not in keys
+        }
+        for split in ("reference", "target", "eval"):
+            assert tree_bytes(pool / split) == tree_bytes(no_eval_copy_pool / split), split

@@ -8,6 +8,7 @@ import polars as pl
 
 from curation_platform import storage
 from curation_platform.releases import Recipe, ReleaseOptions, ReleaseSources, create_release, load_recipe
+from curation_platform_dagster.defs.duplicates import duplicate_groups
 from curation_platform_dagster.defs.resources import PlatformResource
 from curation_platform_dagster.defs.scoring import score_statistics, teacher_id_of
 
@@ -41,7 +42,7 @@ def release_asset(recipe: Recipe, check_keys: list[dg.AssetCheckKey]) -> dg.Asse
 
     @dg.asset(
         name=name,
-        deps=[score_statistics],
+        deps=[score_statistics, duplicate_groups],
         group_name="releases",
         code_version=recipe.sha256[:16],
         kinds={"parquet", "numpy"},

@@ -14,6 +14,9 @@ from pathlib import Path
 import dagster as dg
 
 from curation_platform import storage
+from curation_platform.dedup import DEFAULT_EPS
+from curation_platform.dedup.contamination import EvaluationSet
+from curation_platform.dedup.index import NearSearch
 from curation_platform.embedding.engine import EmbedConfig
 from curation_platform.embedding.sinks import EMBEDDINGS_TABLE
 from curation_platform.evaluation.scales import EvalScale, get_scale
@@ -250,3 +253,27 @@ class EvaluationResource(dg.ConfigurableResource):
 
     def seed_list(self) -> list[int]:
         return list(range(self.seeds if self.seeds is not None else self.eval_scale().seeds))
+
+
+class DuplicatesResource(dg.ConfigurableResource):
+    """How duplicates are found (``curation.json`` ``{"duplicates": {...}}``): ``eps`` (near duplicates have
+    image cosine >= 1 - eps), the vector index's search settings, and the evaluation sets decontamination
+    checks (name -> location; default: the demo's eval split as ``demo-eval`` when the home has one)."""
+
+    eps: float = DEFAULT_EPS
+    neighbours: int = NearSearch.neighbours
+    nprobes: int = NearSearch.nprobes
+    min_index_rows: int = NearSearch.min_index_rows
+    index_type: str = NearSearch.index_type
+    evaluation_sets: dict[str, str] = {}
+
+    def search(self) -> NearSearch:
+        try:
+            return NearSearch(eps=self.eps, neighbours=self.neighbours, nprobes=self.nprobes,
+                              min_index_rows=self.min_index_rows, index_type=self.index_type)
+        except ValueError as error:
+            raise dg.Failure(f"duplicates settings: {error}") from error
+
+    def sets(self, platform: PlatformResource) -> list[EvaluationSet]:
+        registered = platform.layout.evaluation_sets(self.evaluation_sets, platform.s3)
+        return [EvaluationSet(name, uri) for name, uri in sorted(registered.items())]

@@ -2,7 +2,7 @@
 
 Definition: two samples are near duplicates when the cosine of their L2-normalised image
 embeddings is at least ``1 - eps`` (``eps`` defaults to :data:`DEFAULT_EPS`, 0.05; a tolerance of
-:data:`_FLOAT_TOLERANCE` absorbs float32 rounding, so identical images, cosine 1, are always
+:data:`FLOAT_TOLERANCE` absorbs float32 rounding, so identical images, cosine 1, are always
 near duplicates, even at ``eps=0``). Near-duplicate *groups* are the connected components of that
 relation, so two members of a group may be further apart than ``1 - eps`` through a chain.
 
@@ -36,7 +36,7 @@ from curation_platform.embedding.sinks import EMBEDDINGS_TABLE, vectors
 from curation_platform.storage import S3Settings
 
 DEFAULT_EPS = 0.05
-_FLOAT_TOLERANCE = 1e-6
+FLOAT_TOLERANCE = 1e-6
 _CANDIDATE_MARGIN = 1e-4  # float32 block cosines pick candidates; a float64 dot per pair decides
 NEAR_GROUPS_SCHEMA = {"group_id": pl.String, "uid": pl.String, "kind": pl.String, "similarity": pl.Float64}
 
@@ -65,7 +65,7 @@ def _device(device: str | None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _normalise(rows: np.ndarray) -> np.ndarray:
+def unit_rows(rows: np.ndarray) -> np.ndarray:
     rows = np.asarray(rows, dtype=np.float32)
     norms = np.linalg.norm(rows, axis=1, keepdims=True)
     return rows / np.maximum(norms, 1e-12)
@@ -134,7 +134,7 @@ def semdedup(embeddings: Iterable[Batch], *, clusters: int, eps: float = DEFAULT
     if sample_size < 1 or chunk_rows < 1:
         raise ValueError("sample_size and chunk_rows must be >= 1")
     device = _device(device)
-    threshold = 1.0 - eps - _FLOAT_TOLERANCE
+    threshold = 1.0 - eps - FLOAT_TOLERANCE
     uids: list[str] = []
     dim: int | None = None
     with tempfile.TemporaryDirectory(prefix="semdedup-", dir=spill_dir) as folder:
@@ -148,7 +148,7 @@ def semdedup(embeddings: Iterable[Batch], *, clusters: int, eps: float = DEFAULT
                     dim = rows.shape[1]
                 elif rows.shape[1] != dim:
                     raise ValueError(f"vectors of dimension {rows.shape[1]} after {dim}")
-                spill.write(_normalise(rows).tobytes())
+                spill.write(unit_rows(rows).tobytes())
                 uids.extend(str(uid) for uid in batch_uids)
         total = len(uids)
         if len(set(uids)) != total:

@@ -4,6 +4,14 @@ Counts are exact (largest-remainder rounding of rate x pool size) and assigned b
 shuffle, so every kind is present even in small pools and measured shares match the configured
 rates. Samples that borrow content (misaligned captions, duplicates) borrow it from clean samples,
 which keeps every duplicate group anchored on a clean original.
+
+Kinds: ``clean``, ``misaligned`` (caption of another pool sample), ``generic_caption``,
+``exact_duplicate`` and ``near_duplicate`` (copies of a clean pool sample), ``text_render``,
+``non_english``, ``tiny``, ``extreme_aspect``, ``undecodable``, ``failed_download``, all drawn
+from their rates, and ``eval_copy``: a near copy of an image of the ``eval`` split, for measuring
+decontamination. Eval copies are not rate-driven: a handful of clean pool samples (no other
+sample borrows from) are converted after the plan is drawn, from a stream of their own, so
+adding them moves no other sample (see ``CorruptionPlan.with_eval_copies``).
 """
 
 from __future__ import annotations
@@ -30,9 +38,14 @@ class CorruptionKind(StrEnum):
     EXTREME_ASPECT = "extreme_aspect"
     UNDECODABLE = "undecodable"
     FAILED_DOWNLOAD = "failed_download"
+    # Keep last: plans store kinds as positions in CORRUPTION_KINDS, and the rate-driven kinds
+    # before it keep their positions (and so their assignment) whether or not it exists.
+    EVAL_COPY = "eval_copy"
 
 
 CORRUPTION_KINDS = tuple(CorruptionKind)
+# Kinds whose share of the pool is a rate; eval copies are a count, converted after assignment.
+RATE_KINDS = tuple(kind for kind in CORRUPTION_KINDS if kind is not CorruptionKind.EVAL_COPY)
 BORROWING_KINDS = frozenset({CorruptionKind.MISALIGNED, CorruptionKind.EXACT_DUPLICATE, CorruptionKind.NEAR_DUPLICATE})
 DUPLICATE_KINDS = frozenset({CorruptionKind.EXACT_DUPLICATE, CorruptionKind.NEAR_DUPLICATE})
 
@@ -79,6 +92,9 @@ class CorruptionRates:
         return float(sum(getattr(self, field.name) for field in fields(self)))
 
     def rate(self, kind: CorruptionKind) -> float:
+        """Share of ``kind`` in the plan as assigned; 0 for ``eval_copy``, which is not rate-driven."""
+        if kind is CorruptionKind.EVAL_COPY:
+            return 0.0
         return 1.0 - self.total if kind is CorruptionKind.CLEAN else float(getattr(self, kind.value))
 
     def to_dict(self) -> dict[str, float]:
@@ -86,14 +102,17 @@ class CorruptionRates:
 
 
 def exact_counts(rates: CorruptionRates, samples: int) -> dict[CorruptionKind, int]:
-    """Per-kind sample counts summing to ``samples``, each as close to rate x samples as possible."""
-    wanted = np.array([rates.rate(kind) * samples for kind in CORRUPTION_KINDS])
+    """Per-kind sample counts summing to ``samples``, each as close to rate x samples as possible.
+
+    Only the rate-driven kinds (``RATE_KINDS``) are listed; eval copies are counted separately.
+    """
+    wanted = np.array([rates.rate(kind) * samples for kind in RATE_KINDS])
     counts = np.floor(wanted).astype(np.int64)
     shortfall = samples - int(counts.sum())
     # Largest remainders first; ties go to the kind listed first, which keeps the result stable.
     for position in np.argsort(-(wanted - counts), kind="stable")[:shortfall]:
         counts[position] += 1
-    return {kind: int(count) for kind, count in zip(CORRUPTION_KINDS, counts, strict=True)}
+    return {kind: int(count) for kind, count in zip(RATE_KINDS, counts, strict=True)}
 
 
 @dataclass(frozen=True)
@@ -102,13 +121,16 @@ class CorruptionPlan:
 
     offset: int
     kinds: np.ndarray  # uint8 positions in CORRUPTION_KINDS
-    sources: np.ndarray  # int64 global index of the borrowed clean sample, -1 if none
+    # int64 global index of the borrowed clean pool sample (index in the eval split for an eval
+    # copy), -1 if none
+    sources: np.ndarray
     duplicated: np.ndarray  # bool: a clean sample that has at least one duplicate
 
     @classmethod
     def assign(cls, rates: CorruptionRates, samples: int, rng: np.random.Generator) -> CorruptionPlan:
         counts = exact_counts(rates, samples)
-        kinds = np.repeat(np.arange(len(CORRUPTION_KINDS), dtype=np.uint8), [counts[kind] for kind in CORRUPTION_KINDS])
+        # RATE_KINDS is a prefix of CORRUPTION_KINDS, so these positions are CORRUPTION_KINDS positions.
+        kinds = np.repeat(np.arange(len(RATE_KINDS), dtype=np.uint8), [counts[kind] for kind in RATE_KINDS])
         kinds = kinds[rng.permutation(samples)]
         clean = np.flatnonzero(kinds == CORRUPTION_KINDS.index(CorruptionKind.CLEAN))
         borrowing = np.isin(kinds, [CORRUPTION_KINDS.index(kind) for kind in BORROWING_KINDS])
@@ -120,6 +142,29 @@ class CorruptionPlan:
         duplicated = np.zeros(samples, dtype=bool)
         duplicated[sources[duplicates]] = True
         return cls(offset=0, kinds=kinds, sources=sources, duplicated=duplicated)
+
+    def with_eval_copies(self, copies: int, eval_samples: int, rng: np.random.Generator) -> CorruptionPlan:
+        """This plan with up to ``copies`` clean samples turned into near copies of eval images.
+
+        Only clean samples that no other sample borrows from (no misaligned caption, no duplicate)
+        are converted, each to a distinct eval index drawn without replacement from
+        ``range(eval_samples)``, stored in ``sources``. Every other sample keeps its defect and source.
+        """
+        if self.offset != 0:
+            raise ValueError("eval copies are assigned on the whole plan, not on a shard's window")
+        clean = self.kinds == CORRUPTION_KINDS.index(CorruptionKind.CLEAN)
+        borrowing = np.isin(self.kinds, [CORRUPTION_KINDS.index(kind) for kind in BORROWING_KINDS])
+        borrowed = np.zeros(self.kinds.size, dtype=bool)
+        borrowed[self.sources[borrowing]] = True
+        candidates = np.flatnonzero(clean & ~borrowed & ~self.duplicated)
+        copies = min(copies, eval_samples, candidates.size)
+        if copies <= 0:
+            return self
+        positions = np.sort(rng.choice(candidates, size=copies, replace=False))
+        kinds, sources = self.kinds.copy(), self.sources.copy()
+        kinds[positions] = CORRUPTION_KINDS.index(CorruptionKind.EVAL_COPY)
+        sources[positions] = rng.choice(eval_samples, size=copies, replace=False)
+        return CorruptionPlan(self.offset, kinds, sources, self.duplicated)
 
     def window(self, start: int, stop: int) -> CorruptionPlan:
         """The part of the plan one shard needs, still addressed by global index."""

@@ -4,7 +4,9 @@
 teacher CLIP on (aligned pairs; a share of its captions are true but under-specified, as web
 alt-text is), ``out/target`` a clean split from the target domains only (NormSim's target),
 ``out/eval`` a class-balanced zero-shot evaluation split. Every split is a directory of
-img2dataset shards. ``out/ground_truth.parquet`` says what every row really is; the pipeline never
+img2dataset shards. The pool's labelled defects are the ``CorruptionKind`` values (see
+``corruptions``), among them a handful of ``eval_copy`` samples: near copies of ``eval`` images
+(``DemoPoolConfig.eval_copy_rate``), so that decontamination against the eval split can be measured. ``out/ground_truth.parquet`` says what every row really is; the pipeline never
 reads it, only tests and reports do. ``out/demo_pool.json`` records the config and the counts.
 
 Shards are independent jobs (their samples depend only on their addresses), so they can be built
@@ -28,7 +30,14 @@ import pyarrow.parquet as pq
 from curation_platform.demo.attributes import DOMAINS
 from curation_platform.demo.corruptions import CORRUPTION_KINDS, CorruptionPlan, CorruptionRates
 from curation_platform.demo.evaluation import EVAL_TASKS, eval_label
-from curation_platform.demo.samples import DomainMix, SampleAddress, Stream, generate_sample, stream_rng
+from curation_platform.demo.samples import (
+    EVAL_DOMAIN_MIX,
+    DomainMix,
+    SampleAddress,
+    Stream,
+    generate_sample,
+    stream_rng,
+)
 from curation_platform.formats.img2dataset import (
     Img2DatasetShardWriter,
     atomic_output,
@@ -46,6 +55,8 @@ MANIFEST_FILE = "demo_pool.json"
 # Web alt-text, on which real CLIP teachers are trained, holds many true but under-specified
 # captions ("a photo of a dog"); the reference split holds this share of them (see docs/scoring.md).
 REFERENCE_UNDERSPECIFIED_SHARE = 0.15
+# Share of the pool that are near copies of eval images (rounded up): 8 in the default 2000.
+EVAL_COPY_RATE = 0.004
 EVAL_LABELS_FILE = "eval_labels.parquet"
 EVAL_CLASSES_FILE = "eval_classes.json"
 # Stats timestamps are simulated (2023-11-14T22:13:20Z onwards) so output is byte-identical.
@@ -87,6 +98,9 @@ class DemoPoolConfig:
     target_domains: tuple[str, ...] = ("shapes", "glyphs")
     # Share of reference captions replaced by true but under-specified ones (still clean pairs).
     reference_underspecified_share: float = REFERENCE_UNDERSPECIFIED_SHARE
+    # Share of the pool turned into near copies of eval images (ceil(rate x pool samples), at most
+    # eval_samples and the clean samples nothing borrows from); every other sample stays as it was.
+    eval_copy_rate: float = EVAL_COPY_RATE
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out", Path(self.out))
@@ -101,6 +115,8 @@ class DemoPoolConfig:
             raise ValueError(
                 f"reference_underspecified_share must be in [0, 1], got {self.reference_underspecified_share}"
             )
+        if not 0 <= self.eval_copy_rate <= 1:
+            raise ValueError(f"eval_copy_rate must be in [0, 1], got {self.eval_copy_rate}")
         unknown = set(self.target_domains) - set(DOMAINS)
         if not self.target_domains or unknown:
             raise ValueError(f"target_domains must be a non-empty subset of {DOMAINS}, got {self.target_domains}")
@@ -108,6 +124,14 @@ class DemoPoolConfig:
     @property
     def pool_samples(self) -> int:
         return self.shards * self.samples_per_shard
+
+    @property
+    def eval_copies_wanted(self) -> int:
+        """ceil(eval_copy_rate x pool samples), at most eval_samples (the plan may hold fewer)."""
+        if self.eval_samples == 0 or self.eval_copy_rate == 0:
+            return 0
+        # round() first, so that float noise (0.07 x 100 = 7.000000000000001) does not add one.
+        return min(math.ceil(round(self.eval_copy_rate * self.pool_samples, 9)), self.eval_samples)
 
     def to_dict(self) -> dict[str, Any]:
         """Everything that determines the output bytes (so not ``out`` nor ``workers``)."""
@@ -120,6 +144,7 @@ class DemoPoolConfig:
             "eval_samples": self.eval_samples,
             "target_domains": list(self.target_domains),
             "reference_underspecified_share": self.reference_underspecified_share,
+            "eval_copy_rate": self.eval_copy_rate,
             "rates": self.rates.to_dict(),
         }
 
@@ -282,12 +307,16 @@ def _plan_splits(config: DemoPoolConfig) -> list[_SplitPlan]:
     pool_plan = CorruptionPlan.assign(
         config.rates, config.pool_samples, stream_rng(config.seed, "pool", Stream.PLAN)
     )
+    # After the rate-driven plan and from a stream of their own, so no other sample moves.
+    pool_plan = pool_plan.with_eval_copies(
+        config.eval_copies_wanted, config.eval_samples, stream_rng(config.seed, "pool", Stream.EVAL_COPIES)
+    )
     return [
         _SplitPlan("pool", config.pool_samples, POOL_DOMAIN_MIX, corruptions=pool_plan),
         _SplitPlan("reference", config.reference_samples, DomainMix.uniform(DOMAINS),
                    underspecified_share=config.reference_underspecified_share),
         _SplitPlan("target", config.target_samples, DomainMix.uniform(config.target_domains)),
-        _SplitPlan("eval", config.eval_samples, DomainMix.uniform(DOMAINS), labelled=True),
+        _SplitPlan("eval", config.eval_samples, EVAL_DOMAIN_MIX, labelled=True),
     ]
 
 

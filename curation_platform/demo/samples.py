@@ -3,7 +3,8 @@
 Each sample draws from its own random streams, seeded by its address, so a sample comes out the
 same whichever process generates it and in whatever order, and any sample can be regenerated on
 demand: that is how a duplicate copies its original, or a misaligned sample borrows a caption,
-without the pool ever being held in memory.
+without the pool ever being held in memory. An eval copy regenerates its ``eval`` sample the same
+way, so the pool holds a near copy of an evaluation image without reading the eval split.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from enum import IntEnum
 import numpy as np
 from PIL import Image
 
-from curation_platform.demo.attributes import Attributes, domain_of, pick, sample_attributes
+from curation_platform.demo.attributes import DOMAINS, Attributes, domain_of, pick, sample_attributes
 from curation_platform.demo.captions import describe, generic_caption, underspecified_caption
 from curation_platform.demo.corruptions import (
     CorruptionKind,
@@ -28,7 +29,7 @@ from curation_platform.demo.corruptions import (
     shrink_to_tiny,
     undecodable_bytes,
 )
-from curation_platform.demo.evaluation import EvalLabel
+from curation_platform.demo.evaluation import EvalLabel, eval_label
 from curation_platform.demo.render import Size, render, render_text
 from curation_platform.demo.vocabulary import TRANSLATED_LANGUAGES
 from curation_platform.formats.img2dataset import ImageFormat
@@ -54,6 +55,7 @@ class Stream(IntEnum):
     CORRUPTION = 2  # everything a defect decides
     PLAN = 3  # the split-wide corruption assignment (index 0)
     CAPTION = 4  # whether a clean sample of a split with an under-specified share gets one
+    EVAL_COPIES = 5  # which clean pool samples become near copies of eval images (index 0)
 
 
 def stream_rng(seed: int, split: str, stream: Stream, index: int = 0) -> np.random.Generator:
@@ -98,6 +100,10 @@ class DomainMix:
         return self.domains[int(rng.choice(len(self.domains), p=self.weights))]
 
 
+# The eval split's mix (its labels pin the domain, so it only matters for unlabelled draws).
+EVAL_DOMAIN_MIX = DomainMix.uniform(DOMAINS)
+
+
 @dataclass(frozen=True)
 class Content:
     """A clean sample before pixels: what it shows, its caption, and how it is stored."""
@@ -127,10 +133,11 @@ class GeneratedSample:
     attributes: Attributes
     corruption: CorruptionKind
     language: str | None
-    duplicate_group: str | None  # uid of the clean original, on it and on its duplicates
+    # uid of the clean original, on it and on its duplicates (pool-internal only: None on eval copies)
+    duplicate_group: str | None
     # misaligned: caption source uid; undecodable: the variant; generic caption: its flavour
-    # ("boilerplate" or "underspecified"); a clean sample with a true but under-specified caption
-    # (reference split only): "underspecified"
+    # ("boilerplate" or "underspecified"); eval copy: uid of the copied eval sample; a clean sample
+    # with a true but under-specified caption (reference split only): "underspecified"
     corruption_detail: str | None
     image: EncodedImage | None  # None when the download failed
     error_message: str | None
@@ -242,6 +249,20 @@ def generate_sample(
         return replace(sample, url=address.url("jpg"), image=broken, corruption_detail=variant)
 
     assert plan is not None
+    if kind is CorruptionKind.EVAL_COPY:
+        # The eval split's sample, regenerated exactly as the eval split draws it (see pool._plan_splits).
+        eval_index = plan.source(address.index)
+        eval_source = SampleAddress(address.seed, "eval", eval_index)
+        eval_original = draw_content(eval_source, EVAL_DOMAIN_MIX, eval_label(eval_index))
+        reupload = near_duplicate_of(render_content(eval_source, eval_original), rng)
+        return replace(
+            sample,
+            url=address.url("jpg"),
+            caption=_reworded(eval_original, rng),
+            attributes=eval_original.attributes,
+            corruption_detail=eval_source.uid,
+            image=encode(reupload, "jpg", int(rng.integers(55, 96))),
+        )
     source = SampleAddress(address.seed, address.split, plan.source(address.index))
     original = draw_content(source, mix)
     if kind is CorruptionKind.MISALIGNED:

@@ -18,6 +18,13 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 
 from curation_platform import lance_tables, storage
+from curation_platform.dedup.tables import (
+    CONTAMINATION_TABLE,
+    GROUPS_TABLE,
+    evaluation_set_names,
+    read_groups,
+    selection_columns,
+)
 from curation_platform.embedding.sinks import EMBEDDINGS_TABLE
 from curation_platform.layout import ShardOutputs
 from curation_platform.releases.recipe import Recipe, RecipeError
@@ -27,7 +34,8 @@ from curation_platform.storage import S3Settings
 # the validated sample metadata (``samples/`` parquet) a pool frame joins onto the score rows
 VALIDATED_SAMPLE_COLUMNS = ("uid", "key", "shard", "shard_id", "caption", "language", "caption_words",
                             "caption_chars", "width", "height", "aspect_ratio", "image_offset", "image_bytes")
-TABLES = (SCORES_TABLE, REFERENCE_TABLE, TARGET_TABLE, EMBEDDINGS_TABLE)  # every table a release reads
+# every table a release reads
+TABLES = (SCORES_TABLE, REFERENCE_TABLE, TARGET_TABLE, EMBEDDINGS_TABLE, GROUPS_TABLE, CONTAMINATION_TABLE)
 REPORT_READERS = 32  # concurrent reads of per-shard validation reports
 REPORT_MAX_ROWS = 2_000_000  # larger pools are drawn in the report from a uniform uid sample of this size
 
@@ -161,7 +169,24 @@ def selection_frame(recipe: Recipe, sources: ReleaseSources, versions: dict[str,
     available = available_columns(sources, versions)
     recipe.check_columns(available, [name for name in available if name.startswith("iw_")])
     rows = _scores_at(sources, versions).count_rows(filter=score_filter(sources.teacher_id))
-    return pool_frame(sources, versions, None if rows <= REPORT_MAX_ROWS else recipe.scores_used())
+    frame = pool_frame(sources, versions, None if rows <= REPORT_MAX_ROWS else recipe.scores_used())
+    return with_duplicates(recipe, frame, sources, versions) if recipe.needs_duplicates() else frame
+
+
+def with_duplicates(recipe: Recipe, frame: pl.DataFrame, sources: ReleaseSources,
+                    versions: dict[str, int]) -> pl.DataFrame:
+    """The frame with the duplicate-group ids and contamination flags of the pinned duplicate tables."""
+    if GROUPS_TABLE not in versions:
+        raise RecipeError(f"recipe {recipe.name!r} has a dedup or decontaminate stage but {sources.lance_uri} has no "
+                          "duplicate groups: materialise duplicate_groups (or run the main job) first")
+    registered = evaluation_set_names(sources.lance_uri, sources.teacher_id, sources.s3)
+    for stage in recipe.stages:
+        unknown = sorted(set(stage.get("sets", [])) - set(registered)) if stage["type"] == "decontaminate" else []
+        if unknown:
+            raise RecipeError(f"recipe {recipe.name!r} decontaminates against {unknown}, not registered evaluation "
+                              f"sets (registered: {registered})")
+    columns = selection_columns(read_groups(sources.lance_uri, sources.teacher_id, sources.s3, versions))
+    return frame.join(columns, on="uid", how="left", maintain_order="left")
 
 
 def _input_shards(frame: pl.DataFrame, sources: ReleaseSources) -> list[dict[str, Any]]:

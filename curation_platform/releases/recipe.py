@@ -23,7 +23,9 @@
 
 Stage types: ``threshold`` (score, min, max), ``top_fraction`` (score, fraction, of = "pool" |
 "current", descending), ``rank_sum`` (scores, fraction, weights, of), ``is_in`` (column, values),
-``intersection`` (stages = [...]), ``norm_sim_d`` (fraction, num_iters, sample_fraction, seed), and
+``intersection`` (stages = [...]), ``norm_sim_d`` (fraction, num_iters, sample_fraction, seed),
+``dedup`` (keep = the score that picks each duplicate group's representative, kinds = ["image",
+"caption", "near"], descending), ``decontaminate`` (sets = evaluation-set names; all when absent), and
 the DataComp baseline ``basic_filter``. ``max_size`` keeps the best ``max_size`` rows by
 ``rank_by`` after the stages; fewer than ``min_size`` rows refuse the release.
 """
@@ -43,6 +45,9 @@ import yaml
 from curation_platform.scoring.pipeline import SCORE_COLUMNS, prompt_column
 from curation_platform.scoring.scores import WEIGHT_MODES, WeightMode
 from curation_platform.selection import (
+    DEDUP_KINDS,
+    Decontaminate,
+    Dedup,
     EmbeddingSource,
     Intersection,
     IsIn,
@@ -66,7 +71,10 @@ STAGE_KEYS = {
     "intersection": {"stages"},
     "norm_sim_d": {"fraction", "num_iters", "sample_fraction", "seed", "of"},
     "basic_filter": set(),
+    "dedup": {"keep", "kinds", "descending"},
+    "decontaminate": {"sets"},
 }
+DUPLICATE_STAGES = ("dedup", "decontaminate")
 
 
 class RecipeError(ValueError):
@@ -112,6 +120,10 @@ class Recipe:
             if name not in used:
                 used.append(name)
         return used
+
+    def needs_duplicates(self) -> bool:
+        """Whether a stage reads the duplicate groups or the contamination flags."""
+        return any(stage["type"] in DUPLICATE_STAGES for stage in _walk(self.stages))
 
     def needs_target(self) -> bool:
         return any(name in TARGET_SCORES for name in self.scores_used())
@@ -208,6 +220,17 @@ def _check_stage(stage: Any, where: str) -> None:
         raise RecipeError(f"{where} ({kind}): unknown fields {unknown}; allowed: {sorted(STAGE_KEYS[kind])}")
     if kind in ("threshold", "top_fraction"):
         _check_score(stage.get("score"), f"{where} ({kind}) score")
+    if kind == "dedup":
+        _check_score(stage.get("keep"), f"{where} (dedup) keep")
+        kinds = stage.get("kinds", ["image", "near"])
+        if not isinstance(kinds, list) or not kinds or any(item not in DEDUP_KINDS for item in kinds):
+            raise RecipeError(f"{where} (dedup): kinds must be a non-empty list of {list(DEDUP_KINDS)}, got {kinds!r}")
+    if kind == "decontaminate":
+        sets = stage.get("sets", [])
+        if not isinstance(sets, list) or any(not isinstance(name, str) or not name for name in sets):
+            raise RecipeError(f"{where} (decontaminate): sets must be a list of evaluation-set names, got {sets!r}")
+    if "descending" in stage and not isinstance(stage["descending"], bool):
+        raise RecipeError(f"{where} ({kind}): descending must be true or false, got {stage['descending']!r}")
     if kind == "threshold" and stage.get("min") is None and stage.get("max") is None:
         raise RecipeError(f"{where} (threshold): give min, max or both")
     if kind in ("top_fraction", "rank_sum", "norm_sim_d"):
@@ -243,6 +266,8 @@ def _columns_of(stage: dict[str, Any]) -> list[str]:
     kind = stage["type"]
     if kind in ("threshold", "top_fraction"):
         return [stage["score"]]
+    if kind == "dedup":
+        return [stage["keep"]]
     if kind == "rank_sum":
         return list(stage["scores"])
     if kind == "is_in":
@@ -265,6 +290,9 @@ def _policy(stage: dict[str, Any], embeddings: EmbeddingSource | None) -> Policy
         "is_in": lambda: IsIn(stage["column"], tuple(stage["values"])),
         "intersection": lambda: Intersection(*[_policy(child, embeddings) for child in stage["stages"]]),
         "basic_filter": basic_filter,
+        "dedup": lambda: Dedup(stage["keep"], tuple(stage.get("kinds", ["image", "near"])),
+                               stage.get("descending", True)),
+        "decontaminate": lambda: Decontaminate(tuple(stage.get("sets", []))),
         "norm_sim_d": lambda: NormSimD(float(stage["fraction"]), _require(embeddings),
                                        stage.get("num_iters", 10), stage.get("sample_fraction", 0.1),
                                        stage.get("seed", 0), of),

@@ -71,6 +71,7 @@ def write_report(out: Path, *, title: str, pool: pl.DataFrame, selected_uids: pl
             _coverage_section(flagged, figures, written),
             _composition_section(flagged, figures, written),
             _examples_section(flagged, cut, load_images, examples_per_grid, figures, written),
+            _duplicates_section(flagged, cutoffs, load_images, figures, written),
         ]
     report = out / "report.md"
     report.write_text("\n\n".join([f"# {title}", *[s for s in sections if s]]) + "\n", encoding="utf-8")
@@ -276,6 +277,76 @@ def _example_grid(rows: pl.DataFrame, score: str, load_images: ImageLoader, path
     if rows.is_empty():
         axes[0].set_axis_off()
         axes[0].text(0.5, 0.5, "no scored samples", ha="center", va="center")
+    return _save(figure, path, written)
+
+
+DUPLICATE_GROUPS_SHOWN = 6
+
+
+def _duplicates_section(flagged: pl.DataFrame, cutoffs: Mapping[str, float], load_images: ImageLoader,
+                        figures: Path, written: list[Path]) -> str:
+    """Groups and contamination flags in the pool and in the release; the largest groups that lost members,
+    the kept representative first; the contaminated pool samples."""
+    kinds = [name for name in ("dup_image", "dup_caption", "dup_near") if name in flagged.columns]
+    if not kinds:
+        return ""
+    rows = []
+    for column in kinds:
+        members = flagged.filter(pl.col(column).is_not_null())
+        kept = members.filter("selected")
+        rows.append((column.removeprefix("dup_"), f"{members[column].n_unique():,}", f"{members.height:,}",
+                     f"{kept.height:,}", f"{kept.height - kept[column].n_unique():,}"))
+    table = _table(("kind", "groups in pool", "members in pool", "members in release",
+                    "duplicates left in release"), rows)
+    parts = [f"## Duplicates and contamination\n\n{table}"]
+    score = next(iter(cutoffs), None)
+    component = pl.coalesce([pl.col(name) for name in kinds])
+    grouped = flagged.filter(component.is_not_null()).with_columns(group=component)
+    shown = (grouped.group_by("group").agg(pl.len().alias("members"), pl.col("selected").sum().alias("kept"))
+             .filter(pl.col("kept") >= 1, pl.col("members") > pl.col("kept"))
+             .sort("members", "group", descending=[True, False]).head(DUPLICATE_GROUPS_SHOWN))
+    if shown.height:
+        ordered = (grouped.join(shown.select("group", "members"), on="group")
+                   .sort(pl.col("members"), "group", pl.col("selected"), "uid", descending=[True, False, True, False]))
+        path = figures / "duplicates_removed.png"
+        link = _group_grid(ordered, score, load_images, path, written)
+        parts.append(f"The largest groups that lost members, one per row: the kept representative (green frame) "
+                     f"first, then the removed copies.\n\n![Removed duplicates]({link})")
+    if "contaminated_by" in flagged.columns:
+        dirty = flagged.filter(pl.col("contaminated_by").list.len() > 0)
+        parts.append(f"Evaluation-set near copies: {dirty.height:,} in the pool, "
+                     f"{int(dirty['selected'].sum()):,} in the release.")
+        if dirty.height:
+            path = figures / "contaminated.png"
+            sample = dirty.sort("uid").head(GRID_COLUMNS * 2).with_columns(
+                group=pl.col("contaminated_by").list.join(","))
+            parts.append(f"![Contaminated pool samples]({_group_grid(sample, score, load_images, path, written)})")
+    return "\n\n".join(parts)
+
+
+def _group_grid(rows: pl.DataFrame, score: str | None, load_images: ImageLoader, path: Path,
+                written: list[Path]) -> str:
+    """One grid row per ``group`` (at most ``GRID_COLUMNS`` members each), in the order given."""
+    groups = rows.partition_by("group", maintain_order=True)
+    images = load_images(rows["uid"].to_list())
+    figure, axes = panel_grid(len(groups) * GRID_COLUMNS, columns=GRID_COLUMNS, size=(1.55, 2.3))
+    for index, group in enumerate(groups):
+        cells = axes[index * GRID_COLUMNS:(index + 1) * GRID_COLUMNS]
+        for axis, row in zip(cells, group.head(GRID_COLUMNS).iter_rows(named=True)):
+            thumbnail = _thumbnail(images.get(row["uid"]))
+            axis.imshow(thumbnail if thumbnail is not None else np.full((THUMB, THUMB, 3), 225, dtype=np.uint8))
+            colour = "tab:green" if row["selected"] else "tab:red"
+            for spine in axis.spines.values():
+                spine.set(color=colour, linewidth=3)
+            axis.set_xticks([])
+            axis.set_yticks([])
+            value = row.get(score) if score else None
+            title = ("kept" if row["selected"] else "removed") + (
+                f" {value:.3g}" if isinstance(value, float) and math.isfinite(value) else "")
+            axis.set_title(title, fontsize=7, parse_math=False)
+            axis.set_xlabel(_caption(row["caption"]), fontsize=6.5, parse_math=False)
+        for axis in cells[group.height:]:
+            axis.set_axis_off()
     return _save(figure, path, written)
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,36 +59,62 @@ def embed_target(teacher: Teacher, target_uri: str, config: EmbedConfig = EmbedC
     return target_set(sink.table(), teacher.teacher_id, target_uri)
 
 
-def _embed_image_folder(teacher: Teacher, folder: Path, batch_size: int) -> EmbeddingSet:
-    """Every decodable image under ``folder`` (recursively); the uid is the sha256 of its bytes."""
+def embed_image_bytes(teacher: Teacher, images: Iterable[tuple[str, bytes]], batch_size: int
+                      ) -> tuple[list[str], np.ndarray, int]:
+    """Embed ``(uid, encoded image)`` pairs in batches: ``(uids, [n, d] image embeddings, undecodable)``.
+
+    A uid seen twice is embedded once (its first image); an image that does not decode is counted.
+    """
     preprocess = ImagePreprocessor(teacher.preprocessing)
     normalise = PixelNormaliser(teacher.preprocessing)
     uids: list[str] = []
     vectors: list[np.ndarray] = []
-    paths = sorted(path for path in folder.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file())
-    for start in range(0, len(paths), batch_size):
-        pixels, names = [], []
-        for path in paths[start : start + batch_size]:
-            data = path.read_bytes()
-            try:
-                pixels.append(preprocess(data))
-            except Exception:  # an unreadable file in a user's folder is skipped, and counted below
-                continue
-            names.append(hashlib.sha256(data).hexdigest()[:32])
+    seen: set[str] = set()
+    undecodable = 0
+    pixels: list[np.ndarray] = []
+    names: list[str] = []
+
+    def flush() -> None:
         if pixels:
             batch = normalise(torch.from_numpy(np.stack(pixels)))
             vectors.append(teacher.encode_images(batch.to(teacher.device)).cpu().numpy())
             uids.extend(names)
+            pixels.clear()
+            names.clear()
+
+    for uid, data in images:
+        if uid in seen:
+            continue
+        seen.add(uid)
+        try:
+            pixels.append(preprocess(data))
+        except Exception:  # an unreadable file in a user's set is counted, not fatal
+            undecodable += 1
+            continue
+        names.append(uid)
+        if len(pixels) == batch_size:
+            flush()
+    flush()
+    dim = teacher.embed_dim
+    return uids, np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32), undecodable
+
+
+def _embed_image_folder(teacher: Teacher, folder: Path, batch_size: int) -> EmbeddingSet:
+    """Every decodable image under ``folder`` (recursively); the uid is the sha256 of its bytes."""
+    paths = sorted(path for path in folder.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file())
+
+    def files() -> Iterator[tuple[str, bytes]]:
+        for path in paths:
+            data = path.read_bytes()
+            yield hashlib.sha256(data).hexdigest()[:32], data  # identical files count once
+
+    uids, image, _ = embed_image_bytes(teacher, files(), batch_size)
     if not uids:
         raise FileNotFoundError(f"no decodable images under {folder}")
-    image = np.concatenate(vectors)
-    unique = {uid: index for index, uid in enumerate(uids)}  # identical files count once
-    keep = sorted(unique.values())
-    table = pa.table({"uid": [uids[i] for i in keep],
-                      "image_embedding": pa.FixedSizeListArray.from_arrays(pa.array(image[keep].ravel()),
-                                                                           image.shape[1])})
+    table = pa.table({"uid": uids, "image_embedding": pa.FixedSizeListArray.from_arrays(pa.array(image.ravel()),
+                                                                                         image.shape[1])})
     result = target_set(table, teacher.teacher_id, str(folder))
-    result.description.update(files=len(paths), embedded=len(keep))
+    result.description.update(files=len(paths), embedded=len(uids))
     return result
 
 
