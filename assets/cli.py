@@ -32,7 +32,11 @@ DEMO_SCORING = {"reference_size": 1000, "neg_clip_batch_size": 1024, "neg_clip_r
                 "prompts": list(DEMO_PROMPTS)}
 # The published equal-size claim (negCLIPLoss + NormSim over CLIPScore), each against its random baseline.
 DEMO_EVALUATION = {"scale": "demo", "baselines": ["random"], "main_job": ["negclip-normsim", "clip-score-top20"]}
-DEMO_SETTINGS = {"scoring": DEMO_SCORING, "evaluation": DEMO_EVALUATION}
+# The demo's 128-d teacher puts different renders of one attribute set as close as re-uploads: the
+# near-duplicate eps with the best F1 on the demo's labels is 0.005, and decontamination needs 0.02 to
+# find most eval copies (docs/dedup.md).
+DEMO_DUPLICATES = {"eps": 0.005, "decontamination_eps": 0.02}
+DEMO_SETTINGS = {"scoring": DEMO_SCORING, "evaluation": DEMO_EVALUATION, "duplicates": DEMO_DUPLICATES}
 
 
 @main.command()
@@ -131,12 +135,18 @@ def _run_main_job(layout: ProjectLayout, *, pool: str, teacher: dict, scoring: d
                       None)
     if statistics:
         click.echo(f"scores of {statistics['dagster/row_count']} samples; plots and summary in {layout.analysis}")
+    duplicates = next((o.materialized["duplicate_groups"] for o in outcomes if "duplicate_groups" in o.materialized),
+                      None)
+    if duplicates:
+        click.echo(f"duplicates (near: eps {duplicates['eps']}, decontamination: eps {duplicates['decontamination_eps']}"
+                   f"):\n{duplicates['groups']}\n{duplicates['share_of_pool_in_groups']:.1%} of the pool in some group; "
+                   f"evaluation copies flagged: {duplicates['contaminated'] or 'none'}")
     evaluated = []
     for outcome in outcomes:
         for asset, metadata in outcome.materialized.items():
             if asset.startswith("release_"):
                 _echo_release(metadata)
-            if asset.startswith("evaluation_"):
+            if asset.startswith("evaluation_") and "evaluation_id" in metadata:
                 evaluated.append(metadata)
     if evaluated:
         _echo_evaluations(evaluated)

@@ -118,16 +118,17 @@ def duplicate_pairs(context: dg.AssetExecutionContext, platform: PlatformResourc
     set_ids = _latest(context, evaluation_set_embeddings, "set_ids") or {}
     sets = [load_set(platform.lancedb_uri, EVALUATION_TABLE, set_id, platform.s3) for set_id in set_ids.values()]
     uids, images = shard_image_embeddings(platform.lancedb_uri, teacher_id, shard.name, platform.s3)
-    copies = copies_in_shard(uids, images, sets, search.eps)
+    copies = copies_in_shard(uids, images, sets, duplicates.contamination_eps)
     version = write_shard_pairs(platform.lancedb_uri, teacher_id, shard.name, near.pairs, copies, search.eps,
-                                platform.s3)
+                                platform.s3, duplicates.contamination_eps)
     if near.saturated:
         context.log.warning(f"{near.saturated} queries returned {search.neighbours} neighbours, the limit: "
                             "raise duplicates.neighbours to find every copy of their samples")
     return dg.MaterializeResult(
-        data_version=dg.DataVersion(f"{shard.checksum[:16]}-{teacher_id}-{search.eps}-{'-'.join(set_ids.values())}"),
+        data_version=dg.DataVersion(f"{shard.checksum[:16]}-{teacher_id}-{search.eps}-{duplicates.contamination_eps}-"
+                                    f"{'-'.join(set_ids.values())}"),
         metadata={
-            "teacher_id": teacher_id, "eps": search.eps,
+            "teacher_id": teacher_id, "eps": search.eps, "decontamination_eps": duplicates.contamination_eps,
             "exact_repeats_of_other_shards": repeats.height,
             "near_pairs": near.pairs.height,
             "evaluation_copies": dg.MetadataValue.json(dict(copies.group_by("eval_set").len().iter_rows())),
@@ -151,7 +152,8 @@ def duplicate_groups(context: dg.AssetExecutionContext, platform: PlatformResour
                      duplicates: DuplicatesResource) -> dg.MaterializeResult:
     teacher_id = teacher_id_of(context)
     exact = ExactDuplicateIndex(platform.layout.exact_duplicates, platform.s3)
-    groups = build_groups(exact, platform.lancedb_uri, teacher_id, duplicates.eps, platform.s3)
+    groups = build_groups(exact, platform.lancedb_uri, teacher_id, duplicates.eps, platform.s3,
+                          duplicates.contamination_eps)
     versions = write_groups(platform.lancedb_uri, teacher_id, groups, platform.s3)
     pool_rows = lance_tables.connect(platform.lancedb_uri, platform.s3).open_table(EMBEDDINGS_TABLE).count_rows(
         f"teacher_id = {lance_tables.sql_string(teacher_id)}")
@@ -171,7 +173,7 @@ def duplicate_groups(context: dg.AssetExecutionContext, platform: PlatformResour
     return dg.MaterializeResult(
         data_version=dg.DataVersion(f"{versions[GROUPS_TABLE]}-{versions[CONTAMINATION_TABLE]}"),
         metadata={
-            "teacher_id": teacher_id, "eps": duplicates.eps,
+            "teacher_id": teacher_id, "eps": duplicates.eps, "decontamination_eps": duplicates.contamination_eps,
             "dagster/row_count": groups.groups.height,
             "groups": dg.MetadataValue.md(per_kind),
             "share_of_pool_in_groups": dg.MetadataValue.float(summary["in_any_group_share"]),

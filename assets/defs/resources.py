@@ -258,9 +258,16 @@ class EvaluationResource(dg.ConfigurableResource):
 class DuplicatesResource(dg.ConfigurableResource):
     """How duplicates are found (``curation.json`` ``{"duplicates": {...}}``): ``eps`` (near duplicates have
     image cosine >= 1 - eps), the vector index's search settings, and the evaluation sets decontamination
-    checks (name -> location; default: the demo's eval split as ``demo-eval`` when the home has one)."""
+    checks (name -> location; default: the demo's eval split as ``demo-eval`` when the home has one), with
+    ``decontamination_eps`` (default ``eps``): removing an evaluation copy matters more than keeping a
+    look-alike, so it is often looser."""
+
+    @property
+    def contamination_eps(self) -> float:
+        return self.eps if self.decontamination_eps is None else self.decontamination_eps
 
     eps: float = DEFAULT_EPS
+    decontamination_eps: float | None = None  # the same definition with its own threshold; default eps
     neighbours: int = NearSearch.neighbours
     nprobes: int = NearSearch.nprobes
     min_index_rows: int = NearSearch.min_index_rows

@@ -75,17 +75,20 @@ def _teacher(teacher_id: str) -> str:
 
 
 def write_shard_pairs(lance_uri: str, teacher_id: str, shard: str, near: pl.DataFrame, copies: pl.DataFrame,
-                      eps: float, s3: S3Settings | None = None) -> int:
+                      eps: float, s3: S3Settings | None = None, contamination_eps: float | None = None) -> int:
     """Replace one shard's pairs: ``near`` (uid, matches_uid, matches_shard, similarity) within the pool,
-    ``copies`` (uid, eval_set, eval_uid, similarity) of evaluation images; returns the table version."""
+    searched at ``eps``, ``copies`` (uid, eval_set, eval_uid, similarity) of evaluation images, searched at
+    ``contamination_eps`` (default ``eps``); returns the table version."""
+    contamination_eps = eps if contamination_eps is None else contamination_eps
     frames = [
-        near.select("uid", pl.lit(POOL_SET).alias("matches_set"), "matches_uid", "matches_shard", "similarity"),
+        near.select("uid", pl.lit(POOL_SET).alias("matches_set"), "matches_uid", "matches_shard", "similarity",
+                    pl.lit(float(eps)).alias("eps")),
         copies.select("uid", pl.col("eval_set").alias("matches_set"), pl.col("eval_uid").alias("matches_uid"),
-                      pl.lit(None, dtype=pl.String).alias("matches_shard"), "similarity"),
+                      pl.lit(None, dtype=pl.String).alias("matches_shard"), "similarity",
+                      pl.lit(float(contamination_eps)).alias("eps")),
     ]
     rows = (pl.concat(frames, how="vertical_relaxed")
-            .with_columns(pl.lit(teacher_id).alias("teacher_id"), pl.lit(shard).alias("shard"),
-                          pl.lit(float(eps)).alias("eps"))
+            .with_columns(pl.lit(teacher_id).alias("teacher_id"), pl.lit(shard).alias("shard"))
             .with_columns(row_key=pl.concat_str("teacher_id", "shard", "matches_set", "uid", "matches_uid",
                                                 separator="/"))
             .sort("row_key"))
@@ -111,7 +114,7 @@ def _read(lance_uri: str, name: str, teacher_id: str, columns: Sequence[str], s3
     return frame
 
 
-def _components(edges: pl.DataFrame) -> pl.DataFrame:
+def connected_components(edges: pl.DataFrame) -> pl.DataFrame:
     """Connected components of undirected ``(uid, matches_uid, similarity)`` edges: each member with its
     group id (the component's smallest uid) and the highest similarity among its edges."""
     members = pl.concat([edges["uid"], edges["matches_uid"]]).unique().sort()
@@ -159,9 +162,11 @@ class DuplicateGroups:
 
 
 def build_groups(exact: ExactDuplicateIndex, lance_uri: str, teacher_id: str, eps: float,
-                 s3: S3Settings | None = None) -> DuplicateGroups:
+                 s3: S3Settings | None = None, contamination_eps: float | None = None) -> DuplicateGroups:
     """Groups of every kind and contamination flags, from the exact index and the stored pairs at ``eps``
-    (pairs were searched at some eps >= this one; a smaller eps keeps the closer pairs only)."""
+    (``contamination_eps`` for the evaluation copies, default ``eps``; pairs were searched at some eps >=
+    these, and a smaller one keeps the closer pairs only)."""
+    contamination_eps = eps if contamination_eps is None else contamination_eps
     exact_groups = [exact.groups(kind).with_columns(pl.lit(1.0).alias("similarity"),
                                                     pl.lit(None, dtype=pl.Float64).alias("eps"))
                     for kind in DUPLICATE_KINDS]
@@ -171,14 +176,16 @@ def build_groups(exact: ExactDuplicateIndex, lance_uri: str, teacher_id: str, ep
         pairs = pl.DataFrame(schema={"uid": pl.String, "shard": pl.String, "matches_set": pl.String,
                                      "matches_uid": pl.String, "matches_shard": pl.String,
                                      "similarity": pl.Float64, "eps": pl.Float64})
-    searched = pairs["eps"].min()
-    if searched is not None and eps > searched + 1e-12:
-        raise ValueError(f"the pairs were searched at eps {searched}; groups at eps {eps} need a new search")
+    for name, wanted, rows in (("near duplicates", eps, pairs.filter(pl.col("matches_set") == POOL_SET)),
+                               ("evaluation copies", contamination_eps, pairs.filter(pl.col("matches_set") != POOL_SET))):
+        searched = rows["eps"].min()
+        if searched is not None and wanted > searched + 1e-12:
+            raise ValueError(f"{name} were searched at eps {searched}; eps {wanted} needs a new search")
     near = pairs.filter(pl.col("matches_set") == POOL_SET, pl.col("similarity") >= 1.0 - eps - FLOAT_TOLERANCE)
     shards = pl.concat([near.select("uid", "shard"),
                         near.select(pl.col("matches_uid").alias("uid"), pl.col("matches_shard").alias("shard"))]
                        ).drop_nulls().unique("uid", keep="first")
-    components = _components(near) if near.height else pl.DataFrame(
+    components = connected_components(near) if near.height else pl.DataFrame(
         schema={"uid": pl.String, "group_id": pl.String, "similarity": pl.Float64})
     near_groups = (components.join(shards, on="uid", how="left")
                    .select(pl.lit("near").alias("kind"), "group_id", "uid", "shard", "similarity",
@@ -186,7 +193,8 @@ def build_groups(exact: ExactDuplicateIndex, lance_uri: str, teacher_id: str, ep
     groups = (pl.concat([*(frame.select(GROUP_COLUMNS) for frame in exact_groups), near_groups],
                         how="vertical_relaxed")
               .sort("kind", "group_id", "uid"))
-    copies = pairs.filter(pl.col("matches_set") != POOL_SET, pl.col("similarity") >= 1.0 - eps - FLOAT_TOLERANCE)
+    copies = pairs.filter(pl.col("matches_set") != POOL_SET,
+                          pl.col("similarity") >= 1.0 - contamination_eps - FLOAT_TOLERANCE)
     contamination = (copies.sort("similarity", "matches_uid", descending=[True, False])
                      .group_by("uid", "matches_set", maintain_order=True).first()
                      .select("uid", "shard", pl.col("matches_set").alias("eval_set"),
