@@ -164,7 +164,8 @@ def release_verify(reference: str, home: str | None, releases_uri: str | None, n
     result = verify_release(_release_uri(home, releases_uri, reference), rederive=not no_rederive)
     click.echo(f"{result.release_id}: {result.files_checked} files checked")
     for label, names in (("changed", result.mismatched), ("missing", result.missing),
-                         ("not in SHA256SUMS", result.unlisted), ("pinned table version gone", result.pins_missing)):
+                         ("not in SHA256SUMS", result.unlisted), ("malformed SHA256SUMS", result.malformed),
+                         ("pinned table version gone", result.pins_missing), ("problem", result.problems)):
         for name in names:
             click.echo(f"  {label}: {name}")
     if result.uids_identical is not None:

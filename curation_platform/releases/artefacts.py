@@ -10,10 +10,11 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import shutil
 import subprocess
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -91,27 +92,59 @@ class FolderCheck:
     mismatched: list[str]
     missing: list[str]
     unlisted: list[str]  # files present but not in SHA256SUMS
+    malformed: list[str] = field(default_factory=list)  # SHA256SUMS lines that are not "<sha256>  <relative path>"
 
     @property
     def ok(self) -> bool:
-        return not (self.mismatched or self.missing or self.unlisted)
+        return not (self.mismatched or self.missing or self.unlisted or self.malformed)
+
+
+_DIGEST = re.compile(r"^[0-9a-f]{64}$")
+MAX_CHECKSUM_LINES = 100_000
+
+
+def _safe_name(name: str) -> bool:
+    """A relative POSIX path inside the folder: no absolute path, drive, backslash, empty or dot parts."""
+    parts = name.split("/")
+    return (bool(name) and not name.startswith("/") and "\\" not in name and ":" not in parts[0]
+            and all(part not in ("", ".", "..") for part in parts) and name.isprintable())
+
+
+def _stream_sha256(filesystem: pafs.FileSystem, path: str) -> str:
+    digest = hashlib.sha256()
+    with filesystem.open_input_stream(path) as stream:
+        while chunk := stream.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def check_checksums(folder_uri: str, s3: S3Settings | None = None) -> FolderCheck:
-    """Every file of a published folder (a release, an evaluation record) against its SHA256SUMS."""
-    listed = dict(reversed(line.split("  ", 1)) for line in
-                  storage.read_bytes(storage.join(folder_uri, CHECKSUMS), s3).decode().splitlines() if line)
-    mismatched, missing = [], []
-    for name, digest in sorted(listed.items()):
-        uri = storage.join(folder_uri, *name.split("/"))
-        if not storage.exists(uri, s3):
-            missing.append(name)
-        elif sha256_hex(storage.read_bytes(uri, s3)) != digest:
-            mismatched.append(name)
+    """Every file of a published folder (a release, an evaluation record) against its SHA256SUMS.
+
+    Only files found by listing the folder are opened (a line naming ``../x`` or ``/dev/zero`` is
+    reported as malformed, never followed), each hashed in 1 MiB chunks; a missing SHA256SUMS is
+    reported as missing rather than raised.
+    """
     filesystem, root = storage.filesystem_for(folder_uri, s3)
-    infos = filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
-    present = {info.path[len(root.rstrip("/")) + 1:] for info in infos if info.type == pafs.FileType.File}
-    return FolderCheck(len(listed), mismatched, missing, sorted(present - set(listed) - {CHECKSUMS}))
+    infos = filesystem.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    present = {info.path[len(root.rstrip("/")) + 1:]: info.path for info in infos if info.type == pafs.FileType.File}
+    if CHECKSUMS not in present:
+        return FolderCheck(0, [], [CHECKSUMS], sorted(present))
+    listed: dict[str, str] = {}
+    malformed: list[str] = []
+    raw = storage.read_bytes(storage.join(folder_uri, CHECKSUMS), s3)
+    for number, line in enumerate(raw.decode("utf-8", "replace").splitlines()[:MAX_CHECKSUM_LINES], start=1):
+        digest, separator, name = line.partition("  ")
+        if not line:
+            continue
+        if not separator or not _DIGEST.match(digest) or not _safe_name(name) or name in listed:
+            malformed.append(f"line {number}: {line[:120]!r}")
+            continue
+        listed[name] = digest
+    mismatched = [name for name, digest in sorted(listed.items())
+                  if name in present and _stream_sha256(filesystem, present[name]) != digest]
+    missing = sorted(name for name in listed if name not in present)
+    return FolderCheck(len(listed), mismatched, missing, sorted(set(present) - set(listed) - {CHECKSUMS}), malformed)
 
 
 def _git_commit() -> str | None:

@@ -33,6 +33,7 @@ the DataComp baseline ``basic_filter``. ``max_size`` keeps the best ``max_size``
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 import tomllib
 from collections.abc import Callable, Sequence
@@ -140,17 +141,72 @@ class Recipe:
             raise RecipeError(f"recipe {self.name!r} uses {missing}, not in the score table{hint}")
 
 
+# Bounds on what a recipe file may be: it is reviewed like code, so these are far above any real one.
+MAX_RECIPE_BYTES = 256 * 1024
+MAX_STAGES = 64
+MAX_NESTING = 16  # tables/lists inside each other (an intersection of intersections ...)
+MAX_LIST_ITEMS = 10_000  # e.g. is_in values
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without anchors and aliases: a recipe never needs them, and nested aliases
+    (billion laughs) expand exponentially."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in a recipe",
+                                              event.start_mark)
+        node = super().compose_node(parent, index)
+        if getattr(node, "anchor", None):
+            raise yaml.composer.ComposerError(None, None, "anchors (&name) are not allowed in a recipe",
+                                              node.start_mark)
+        return node
+
+
 def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
-    return parse_recipe(path.read_text(), yaml_syntax=path.suffix.lower() in (".yaml", ".yml"), source=str(path))
+    size = path.stat().st_size
+    if size > MAX_RECIPE_BYTES:
+        raise RecipeError(f"{path}: {size:,} bytes; a recipe is at most {MAX_RECIPE_BYTES:,}")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise RecipeError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from error
+    return parse_recipe(text, yaml_syntax=path.suffix.lower() in (".yaml", ".yml"), source=str(path))
+
+
+def _depth(value: Any, limit: int) -> int:
+    """Nesting depth of tables and lists, counted iteratively (no recursion), stopping past ``limit``."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, depth)
+            if deepest > limit:
+                return deepest
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def parse_recipe(text: str, yaml_syntax: bool = False, source: str = "recipe") -> Recipe:
-    """Parse and validate; every error names the offending stage and field."""
+    """Parse and validate; every error names the offending stage and field.
+
+    Files are bounded (:data:`MAX_RECIPE_BYTES`, :data:`MAX_STAGES`, :data:`MAX_NESTING`), YAML is read
+    without anchors and aliases, and every field is type- and range-checked before any data is read.
+    """
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"{source}: a recipe is at most {MAX_RECIPE_BYTES:,} bytes")
     try:
-        data = yaml.safe_load(text) if yaml_syntax else tomllib.loads(text)
+        data = yaml.load(text, Loader=_NoAliasLoader) if yaml_syntax else tomllib.loads(text)
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as error:
-        raise RecipeError(f"{source}: not valid {'YAML' if yaml_syntax else 'TOML'}: {error}") from error
+        raise RecipeError(f"{source}: not valid {'YAML' if yaml_syntax else 'TOML'}: "
+                          f"{' '.join(str(error).split())}") from error
+    except RecursionError as error:
+        raise RecipeError(f"{source}: nested more than the parser can read") from error
+    if _depth(data, MAX_NESTING) > MAX_NESTING:
+        raise RecipeError(f"{source}: nested deeper than {MAX_NESTING} levels")
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe is a table of fields")
     known = {"name", "description", "stage", "stages", "weights", "min_size", "max_size", "rank_by"}
@@ -163,6 +219,10 @@ def parse_recipe(text: str, yaml_syntax: bool = False, source: str = "recipe") -
     stages = data.get("stage", data.get("stages"))
     if not isinstance(stages, list) or not stages:
         raise RecipeError(f"{source}: give at least one [[stage]]")
+    if len(stages) > MAX_STAGES:
+        raise RecipeError(f"{source}: {len(stages)} stages; a recipe has at most {MAX_STAGES}")
+    if not isinstance(data.get("description", ""), str):
+        raise RecipeError(f"{source}: description must be a string")
     for index, stage in enumerate(stages):
         _check_stage(stage, f"{source}: stage {index + 1}")
     weights = _weights(data.get("weights"), source)
@@ -233,6 +293,21 @@ def _check_stage(stage: Any, where: str) -> None:
         raise RecipeError(f"{where} ({kind}): descending must be true or false, got {stage['descending']!r}")
     if kind == "threshold" and stage.get("min") is None and stage.get("max") is None:
         raise RecipeError(f"{where} (threshold): give min, max or both")
+    for bound in ("min", "max"):
+        if kind == "threshold" and bound in stage and not _is_number(stage[bound]):
+            raise RecipeError(f"{where} (threshold): {bound} must be a number, got {stage[bound]!r}")
+    if kind == "threshold" and _is_number(stage.get("min")) and _is_number(stage.get("max")) \
+            and stage["min"] > stage["max"]:
+        raise RecipeError(f"{where} (threshold): min {stage['min']} is above max {stage['max']}")
+    if kind == "norm_sim_d":
+        num_iters, sample_fraction, seed = (stage.get("num_iters", 10), stage.get("sample_fraction", 0.1),
+                                            stage.get("seed", 0))
+        if not _is_integer(num_iters) or not 1 <= num_iters <= 1000:
+            raise RecipeError(f"{where} (norm_sim_d): num_iters must be an integer in [1, 1000], got {num_iters!r}")
+        if not _is_number(sample_fraction) or not 0 < sample_fraction <= 1:
+            raise RecipeError(f"{where} (norm_sim_d): sample_fraction must be in (0, 1], got {sample_fraction!r}")
+        if not _is_integer(seed) or seed < 0:
+            raise RecipeError(f"{where} (norm_sim_d): seed must be a non-negative integer, got {seed!r}")
     if kind in ("top_fraction", "rank_sum", "norm_sim_d"):
         _check_fraction(stage.get("fraction"), f"{where} ({kind})")
     if stage.get("of", "pool") not in ("pool", "current"):
@@ -243,8 +318,16 @@ def _check_stage(stage: Any, where: str) -> None:
             raise RecipeError(f"{where} (rank_sum): scores must be a non-empty list")
         for name in scores:
             _check_score(name, f"{where} (rank_sum) scores")
+        weights = stage.get("weights")
+        if weights is not None and (not isinstance(weights, list) or len(weights) != len(scores)
+                                    or not all(_is_number(w) and w >= 0 for w in weights) or not any(weights)):
+            raise RecipeError(f"{where} (rank_sum): weights must be {len(scores)} non-negative numbers (one per "
+                              f"score, not all 0), got {weights!r}")
     if kind == "is_in" and (not isinstance(stage.get("values"), list) or not isinstance(stage.get("column"), str)):
         raise RecipeError(f"{where} (is_in): give a column and a list of values")
+    if kind == "is_in" and (len(stage["values"]) > MAX_LIST_ITEMS
+                            or not all(isinstance(v, str | int | float) for v in stage["values"])):
+        raise RecipeError(f"{where} (is_in): values must be at most {MAX_LIST_ITEMS:,} strings or numbers")
     if kind == "is_in":
         _check_score(stage["column"], f"{where} (is_in) column")
     if kind == "intersection":
@@ -253,6 +336,14 @@ def _check_stage(stage: Any, where: str) -> None:
             raise RecipeError(f"{where} (intersection): give stages = [...]")
         for index, child in enumerate(inner):
             _check_stage(child, f"{where} (intersection) stage {index + 1}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _walk(stages: Sequence[dict[str, Any]]):

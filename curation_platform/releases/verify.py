@@ -7,13 +7,26 @@ score distributions.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
+import polars as pl
+import pyarrow as pa
+
 from curation_platform import lance_tables, storage
 from curation_platform.embedding.sinks import EMBEDDINGS_TABLE
-from curation_platform.releases.apply_recipe import select
-from curation_platform.releases.artefacts import EXCLUDED, check_checksums
+from curation_platform.releases.apply_recipe import _samples_table, select
+from curation_platform.releases.artefacts import (
+    EXCLUDED,
+    MANIFEST,
+    SAMPLES,
+    SUBSET,
+    check_checksums,
+    npy_bytes,
+    sha256_hex,
+    subset_array,
+)
 from curation_platform.releases.inputs import ReleaseSources, score_provenance, selection_frame
 from curation_platform.releases.recipe import parse_recipe
 from curation_platform.releases.store import Release, ReleaseOptions, create_release, open_release, read_samples
@@ -33,25 +46,77 @@ class Verification:
     uids_added: int = 0
     uids_removed: int = 0
     pins_missing: list[str] = field(default_factory=list)  # "table@version" the release read that are gone
+    malformed: list[str] = field(default_factory=list)  # SHA256SUMS lines that are not "<sha256>  <path>"
+    problems: list[str] = field(default_factory=list)  # everything else, one line each, naming the file
 
     @property
     def ok(self) -> bool:
-        return (not (self.mismatched or self.missing or self.unlisted or self.pins_missing)
-                and self.uids_identical is not False)
+        return (not (self.mismatched or self.missing or self.unlisted or self.pins_missing or self.malformed
+                     or self.problems) and self.uids_identical is not False)
 
 
 def verify_release(release_uri: str, s3: S3Settings | None = None, rederive: bool = True) -> Verification:
-    """Check every file against SHA256SUMS, then (``rederive``) re-run the recipe on the pinned tables."""
-    release = open_release(release_uri, s3)
+    """Check every file against SHA256SUMS, then (``rederive``) re-run the recipe on the pinned tables and
+    compare what it gives with ``samples.parquet``, ``subset.npy`` and the release id.
+
+    Never raises for a damaged release: every problem (a missing, changed, unlisted or malformed file,
+    an unreadable manifest or table, a consistent edit of the files and SHA256SUMS together) is listed.
+    """
     files = check_checksums(release_uri, s3)
+    problems: list[str] = []
+    try:
+        manifest = json.loads(storage.read_bytes(storage.join(release_uri, MANIFEST), s3))
+        release = Release(release_uri, manifest["name"], int(manifest["version"]), manifest)
+        release_id = str(manifest["release_id"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        problems.append(f"{MANIFEST}: unreadable ({type(error).__name__}: {error})")
+        return Verification(release_uri, files.checked, files.mismatched, files.missing, files.unlisted, None,
+                            malformed=files.malformed, problems=problems)
     same, added, removed = None, 0, 0
     pins_missing = _missing_pins(release, s3) if rederive else []
     if rederive and not pins_missing:
-        stored = set(read_samples(release, s3)["uid"].to_list())
-        derived = set(_rederive(release, s3))
-        same, added, removed = stored == derived, len(stored - derived), len(derived - stored)
-    return Verification(release.release_id, files.checked, files.mismatched, files.missing, files.unlisted, same,
-                        added, removed, pins_missing)
+        try:
+            stored = read_samples(release, s3)
+        except (OSError, ValueError, pa.ArrowException, pl.exceptions.PolarsError) as error:
+            problems.append(f"{SAMPLES}: unreadable ({type(error).__name__})")
+            stored = None
+        try:
+            derived = _rederive(release, s3)
+        except (OSError, ValueError, RuntimeError, pa.ArrowException, pl.exceptions.PolarsError) as error:
+            problems.append(f"re-derivation failed: {' '.join(str(error).split())[:300]}")
+            derived = None
+        if stored is not None and derived is not None:
+            stored_uids, derived_uids = set(stored["uid"].to_list()), set(derived["uid"].to_list())
+            same = stored_uids == derived_uids
+            added, removed = len(stored_uids - derived_uids), len(derived_uids - stored_uids)
+            problems += _compare_files(release, stored, derived, s3)
+    return Verification(release_id, files.checked, files.mismatched, files.missing, files.unlisted, same,
+                        added, removed, pins_missing, files.malformed, problems)
+
+
+def _compare_files(release: Release, stored: pl.DataFrame, derived: pl.DataFrame, s3: S3Settings | None) -> list[str]:
+    """What a consistent edit (files and SHA256SUMS rewritten together) changes: the samples' rows, the
+    subset DataComp reads, and the content hash that names the release."""
+    problems = []
+    if not stored.sort("uid").equals(derived.sort("uid")):
+        problems.append(f"{SAMPLES}: its rows differ from the re-derived ones")
+    try:
+        subset = storage.read_bytes(storage.join(release.uri, SUBSET), s3)
+        if subset != npy_bytes(subset_array(sorted(derived["uid"].to_list()))):
+            problems.append(f"{SUBSET}: differs from the re-derived selection")
+    except OSError:
+        problems.append(f"{SUBSET}: missing")
+    try:
+        samples_hash = sha256_hex(storage.read_bytes(storage.join(release.uri, SAMPLES), s3))
+    except OSError:
+        return problems
+    manifest = release.manifest
+    if manifest.get("samples_sha256") != samples_hash:
+        problems.append(f"{MANIFEST}: samples_sha256 is not the hash of {SAMPLES}")
+    if manifest.get("release_id") != f"{release.name}-{release.version}-{samples_hash[:12]}":
+        problems.append(f"{MANIFEST}: release_id {manifest.get('release_id')!r} does not match the content hash "
+                        f"of {SAMPLES}")
+    return problems
 
 
 def _missing_pins(release: Release, s3: S3Settings | None) -> list[str]:
@@ -70,17 +135,20 @@ def _missing_pins(release: Release, s3: S3Settings | None) -> list[str]:
     return missing
 
 
-def _rederive(release: Release, s3: S3Settings | None) -> list[str]:
+def _rederive(release: Release, s3: S3Settings | None) -> pl.DataFrame:
+    """The samples table the recipe gives on the pinned tables (without the release's exclusions)."""
     manifest = release.manifest
     recipe = parse_recipe(manifest["recipe"]["text"], manifest["recipe"]["file"].endswith(".yaml"))
     sources = ReleaseSources(**manifest["sources"], s3=s3)
     versions = {name: entry["version"] for name, entry in manifest["lancedb_tables"].items()}
     frame = selection_frame(recipe, sources, versions)
     _, uids = select(recipe, frame, sources, score_provenance(sources, versions), versions.get(EMBEDDINGS_TABLE))
-    excluded: set[str] = set()
     if manifest.get("exclusions"):
         excluded = set(storage.read_bytes(storage.join(release.uri, EXCLUDED), s3).decode().split())
-    return [uid for uid in uids.to_list() if uid not in excluded]
+        uids = uids.filter(~uids.is_in(list(excluded)))
+    samples = pl.from_arrow(_samples_table(recipe, frame, uids))
+    assert isinstance(samples, pl.DataFrame)
+    return samples
 
 
 def derive_release(parent_uri: str, exclude: list[str], releases_uri: str, s3: S3Settings | None = None,
