@@ -41,10 +41,10 @@ DEMO_SETTINGS = {"scoring": DEMO_SCORING, "evaluation": DEMO_EVALUATION, "duplic
 
 @main.command()
 @click.option("--home", default=None, help=HOME_HELP)
-@click.option("--shards", type=int, default=4, show_default=True, help="Shards in the demo pool.")
-@click.option("--samples-per-shard", type=int, default=500, show_default=True, help="Samples per demo shard.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Demo pool seed.")
-@click.option("--workers", type=int, default=min(4, os.cpu_count() or 1), show_default=True,
+@click.option("--shards", type=click.IntRange(min=1), default=4, show_default=True, help="Shards in the demo pool.")
+@click.option("--samples-per-shard", type=click.IntRange(min=1), default=500, show_default=True, help="Samples per demo shard.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Demo pool seed.")
+@click.option("--workers", type=click.IntRange(min=0), default=min(4, os.cpu_count() or 1), show_default=True,
               help="Worker processes for demo generation.")
 @click.option("--retrain-teacher", is_flag=True, help="Train the teacher again even if one is materialised.")
 def demo(home: str | None, shards: int, samples_per_shard: int, seed: int, workers: int,
@@ -77,7 +77,7 @@ def demo(home: str | None, shards: int, samples_per_shard: int, seed: int, worke
 @teacher_options
 @click.option("--train-on", default=None,
               help="Trusted split (shards) the platform trains its teacher on; default: the pool itself.")
-@click.option("--min-recall", "min_recall_at_5", type=float, default=None,
+@click.option("--min-recall", "min_recall_at_5", type=click.FloatRange(min=0, max=1), default=None,
               help="Teacher quality bar: held-out R@5 each way (default 0.3).")
 @click.option("--teacher-gate", type=click.Choice(["block", "warn"]), default=None,
               help="What a teacher below the bar does: block embedding (default) or only warn.")

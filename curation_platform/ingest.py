@@ -204,7 +204,7 @@ class ShardIngester:
     def _index_parquet(self, parquet_rows: list[dict[str, Any]]) -> None:
         """Parquet rows by key; a keyless or repeated row is quarantined on its own."""
         for row in parquet_rows:
-            key = str(row.get("key") or "")
+            key = "" if row.get("key") is None else str(row["key"])
             if key in self.by_key or not key:
                 seq = self.rows.seq()
                 detail = "parquet row without key" if not key else "key appears twice in the parquet"

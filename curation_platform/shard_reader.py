@@ -72,9 +72,25 @@ class _HashingReader:
         self.digest = hashlib.sha256()
         self.bytes_read = 0
         self.tail = b""
+        self._peeked = b""
+
+    def peek(self, size: int) -> bytes:
+        """The next ``size`` bytes, still to be read."""
+        while len(self._peeked) < size:
+            data = self._raw.read(size - len(self._peeked))
+            if not data:
+                break
+            self._peeked += data
+        return self._peeked[:size]
 
     def read(self, size: int = -1) -> bytes:
-        data = self._raw.read(size)
+        if self._peeked:
+            data, self._peeked = (self._peeked, b"") if size < 0 or size >= len(self._peeked) else (
+                self._peeked[:size], self._peeked[size:])
+            if size < 0:
+                data += self._raw.read()
+        else:
+            data = self._raw.read(size)
         self.digest.update(data)
         self.bytes_read += len(data)
         self.tail = (self.tail + data[-BLOCK:])[-BLOCK:]
@@ -88,6 +104,32 @@ class _HashingReader:
     def drain(self) -> None:
         while self.read(1 << 20):
             pass
+
+
+_COMPRESSION_MAGIC = ((b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"), (b"\x28\xb5\x2f\xfd", "zstd"))
+
+
+MAX_HEADER_BYTES = 64 * 1024  # a GNU long name or a PAX header: img2dataset writes none; webdataset keys are short
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """Refuses GNU long-name/link and PAX extended headers larger than :data:`MAX_HEADER_BYTES`, which
+    ``tarfile`` would otherwise read whole into memory (a header can claim gigabytes)."""
+
+    def _proc_gnulong(self, tarfile_):
+        if self.size > MAX_HEADER_BYTES:
+            raise tarfile.HeaderError(f"GNU long-name header of {self.size:,} bytes (limit {MAX_HEADER_BYTES:,})")
+        return super()._proc_gnulong(tarfile_)
+
+    def _proc_pax(self, tarfile_):
+        if self.size > MAX_HEADER_BYTES:
+            raise tarfile.HeaderError(f"PAX header of {self.size:,} bytes (limit {MAX_HEADER_BYTES:,})")
+        return super()._proc_pax(tarfile_)
+
+
+def compressed_format(head: bytes) -> str | None:
+    """The compression whose magic number starts ``head`` (a plain tar starts with a member name)."""
+    return next((name for magic, name in _COMPRESSION_MAGIC if head.startswith(magic)), None)
 
 
 def unsafe_path_reason(name: str) -> str | None:
@@ -126,8 +168,14 @@ def iter_tar_samples(
     """
     reader = _HashingReader(stream)
     current: TarSample | None = None
+    compression = compressed_format(reader.peek(6))
+    if compression is not None:
+        summary.error = (f"compressed_tar: the shard is a {compression}-compressed tar; img2dataset writes plain "
+                         "tars (decompress it, e.g. gunzip, and ingest the .tar)")
+        summary.bytes_read = 0
+        return
     try:
-        with tarfile.open(fileobj=reader, mode="r|*") as archive:
+        with tarfile.open(fileobj=reader, mode="r|", tarinfo=_BoundedTarInfo) as archive:
             for info in archive:
                 archive.members = []  # stream mode would otherwise keep every header
                 if info.isdir():

@@ -17,13 +17,13 @@ from curation_platform.pool import ChecksumCache, ShardRef, discover_shards
 from curation_platform.validation import ValidationLimits
 
 _limits_options = stack([
-    click.option("--min-side", type=int, default=ValidationLimits.min_image_side, show_default=True,
+    click.option("--min-side", type=click.IntRange(min=1), default=ValidationLimits.min_image_side, show_default=True,
                  help="Quarantine images whose shorter side is below this many pixels."),
-    click.option("--max-pixels", type=int, default=ValidationLimits.max_pixels, show_default=True,
+    click.option("--max-pixels", type=click.IntRange(min=1), default=ValidationLimits.max_pixels, show_default=True,
                  help="Quarantine images declaring more pixels (decompression-bomb guard)."),
-    click.option("--max-caption-chars", type=int, default=ValidationLimits.max_caption_chars, show_default=True,
+    click.option("--max-caption-chars", type=click.IntRange(min=1), default=ValidationLimits.max_caption_chars, show_default=True,
                  help="Quarantine captions longer than this."),
-    click.option("--workers", type=int, default=min(4, os.cpu_count() or 1), show_default=True,
+    click.option("--workers", type=click.IntRange(min=0), default=min(4, os.cpu_count() or 1), show_default=True,
                  help="Image-decoding worker processes (0 decodes in this process)."),
 ])
 
@@ -64,10 +64,10 @@ def _print_reports(reports: list[ShardReport]) -> None:
 @main.command("demo-pool")
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Directory to write the demo pool (pool/, reference/, target/, eval/ and ground truth).")
-@click.option("--shards", type=int, default=4, show_default=True, help="Shards in the raw pool split.")
-@click.option("--samples-per-shard", type=int, default=500, show_default=True, help="Samples per pool shard.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed: the same seed writes identical bytes.")
-@click.option("--workers", type=int, default=1, show_default=True, help="Processes generating shards.")
+@click.option("--shards", type=click.IntRange(min=1), default=4, show_default=True, help="Shards in the raw pool split.")
+@click.option("--samples-per-shard", type=click.IntRange(min=1), default=500, show_default=True, help="Samples per pool shard.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed: the same seed writes identical bytes.")
+@click.option("--workers", type=click.IntRange(min=0), default=1, show_default=True, help="Processes generating shards.")
 def demo_pool(out: Path, shards: int, samples_per_shard: int, seed: int, workers: int) -> None:
     """Write a synthetic pool in img2dataset format with labelled corruptions and clean splits."""
     summary = build_demo_pool_into(out, shards, samples_per_shard, seed, workers)
@@ -146,6 +146,12 @@ def validate(pool_uri: str, as_json: bool, min_side: int, max_pixels: int, max_c
 @_limits_options
 def ingest(pool_uri: str, out_uri: str, home: str | None, min_side: int, max_pixels: int,
            max_caption_chars: int, workers: int) -> None:
-    """Validate a pool and write samples/, quarantine/ and reports/ per shard under OUT."""
+    """Validate a pool and write samples/, quarantine/ and reports/ per shard under OUT.
+
+    Exits with status 1 when a shard has shard-level errors, as ``validate`` does (its report says why).
+    """
     limits = ValidationLimits(min_image_side=min_side, max_pixels=max_pixels, max_caption_chars=max_caption_chars)
-    _print_reports(_ingest(discover_with_progress(pool_uri, project_layout(home)), limits, workers, out_uri))
+    reports = _ingest(discover_with_progress(pool_uri, project_layout(home)), limits, workers, out_uri)
+    _print_reports(reports)
+    if any(report.errors for report in reports):
+        sys.exit(1)

@@ -46,12 +46,12 @@ def _analyse(lance_uri: str, teacher_id: str, out: Path, validated_uri: str | No
 _score_options = stack([
     click.option("--target", "target_uri", default=None,
                  help="NormSim target: webdataset shards (local or s3://) or a local folder of images."),
-    click.option("--reference-size", type=int, default=25_000, show_default=True,
+    click.option("--reference-size", type=click.IntRange(min=1), default=25_000, show_default=True,
                  help="N pairs drawn uniformly from the pool as the marginal reference."),
-    click.option("--reference-seed", type=int, default=0, show_default=True, help="Seed of the reference draw."),
-    click.option("--batch-size", "neg_clip_batch_size", type=int, default=32_768, show_default=True,
+    click.option("--reference-seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the reference draw."),
+    click.option("--batch-size", "neg_clip_batch_size", type=click.IntRange(min=1), default=32_768, show_default=True,
                  help="negCLIPLoss batch size B (mates from the reference)."),
-    click.option("--repeats", type=int, default=10, show_default=True, help="negCLIPLoss repetitions K."),
+    click.option("--repeats", type=click.IntRange(min=1), default=10, show_default=True, help="negCLIPLoss repetitions K."),
     click.option("--prompt", "prompts", multiple=True, help="Domain prompt for importance weights (repeatable)."),
 ])
 

@@ -60,8 +60,8 @@ def _embed(pool_uri: str, validated_uri: str, lance_uri: str, table: str, spec, 
 @click.option("--table", default="embeddings", show_default=True, help="LanceDB table name.")
 @teacher_options
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--batch-size", type=int, default=256, show_default=True, help="Pairs per forward pass.")
-@click.option("--workers", type=int, default=2, show_default=True, help="Decode/tokenize worker processes.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True, help="Pairs per forward pass.")
+@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True, help="Decode/tokenize worker processes.")
 def embed(pool_uri: str, validated_uri: str, lance_uri: str, table: str, teacher_checkpoint: str | None,
           arch: str | None, pretrained: str | None, device: str, batch_size: int, workers: int) -> None:
     """Embed every validated shard of a pool with a teacher into LanceDB (idempotent per shard)."""
@@ -91,13 +91,13 @@ class TrainingBar:
 
 
 training_options = stack([
-    click.option("--epochs", type=int, default=None, help="Training epochs (default: TrainingConfig's, 15)."),
+    click.option("--epochs", type=click.IntRange(min=1), default=None, help="Training epochs (default: TrainingConfig's, 15)."),
     click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
                  help="Autocast of training steps: auto is bf16 where the CPU has native bf16 (AVX512-BF16/AMX), "
                       "else fp32."),
-    click.option("--threads", type=int, default=None,
+    click.option("--threads", type=click.IntRange(min=1), default=None,
                  help="torch threads for training (default 2; part of what makes the weights reproducible)."),
-    click.option("--max-seconds", type=float, default=None,
+    click.option("--max-seconds", type=click.FloatRange(min=0, min_open=True), default=None,
                  help="Fail (and publish nothing) if training would take longer than this."),
 ])
 
@@ -112,7 +112,7 @@ def training_overrides(epochs: int | None, precision: str, threads: int | None,
 @main.command("train-teacher")
 @click.argument("reference_uri")
 @click.option("--out", "out_uri", required=True, help="Teacher directory to write (local path or s3:// URI).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of initialisation, split and order.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of initialisation, split and order.")
 @training_options
 def train_teacher_command(reference_uri: str, out_uri: str, seed: int, epochs: int | None, precision: str,
                           threads: int | None, max_seconds: float | None) -> None:
