@@ -30,6 +30,7 @@ class Reason(StrEnum):
     INVALID_JSON = "invalid_json"
     # Content.
     DECOMPRESSION_BOMB = "decompression_bomb"
+    IMAGE_TOO_LARGE = "image_too_large"
     UNSUPPORTED_IMAGE_FORMAT = "unsupported_image_format"
     UNDECODABLE_IMAGE = "undecodable_image"
     IMAGE_TOO_SMALL = "image_too_small"
@@ -55,6 +56,7 @@ REASON_DESCRIPTIONS: dict[Reason, str] = {
     Reason.DUPLICATE_UID: "uid already taken by an earlier sample of the shard",
     Reason.INVALID_JSON: "KEY.json is not a JSON object",
     Reason.DECOMPRESSION_BOMB: "declared pixel count above the limit (not decoded)",
+    Reason.IMAGE_TOO_LARGE: "an image side above the safety limit (not decoded): resizing it would take gigabytes",
     Reason.UNSUPPORTED_IMAGE_FORMAT: "image decodes to a format outside the allowed set",
     Reason.UNDECODABLE_IMAGE: "image bytes do not decode (corrupt or truncated)",
     Reason.IMAGE_TOO_SMALL: "shorter image side below the minimum",

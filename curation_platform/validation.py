@@ -27,6 +27,9 @@ class ValidationLimits:
     """Thresholds of the quarantine checks (selection filters such as min side 200 come later)."""
 
     max_pixels: int = 40_000_000
+    # A safety bound on the loader's memory, not DataComp's aspect filter: a 400,000 x 32 PNG is 12.8M
+    # pixels, within max_pixels, but resizing its short side to 224 would allocate 2.9 GB.
+    max_image_side: int = 16_384
     min_image_side: int = 32
     max_caption_chars: int = 2_048
     max_image_bytes: int = 32 << 20
@@ -105,6 +108,10 @@ def _check_image(data: bytes, limits: ValidationLimits) -> tuple[int, int, str, 
                 if width * height > limits.max_pixels:
                     return ContentRejected(
                         Reason.DECOMPRESSION_BOMB, f"{width}x{height} = {width * height} px > {limits.max_pixels}"
+                    )
+                if max(width, height) > limits.max_image_side:
+                    return ContentRejected(
+                        Reason.IMAGE_TOO_LARGE, f"{width}x{height}: a side above {limits.max_image_side} px"
                     )
                 image_format = image.format or "unknown"
                 if image_format not in ALLOWED_IMAGE_FORMATS:

@@ -82,3 +82,16 @@ def test_ingest_exits_non_zero_on_a_shard_error(tmp_path: Path) -> None:
 def test_out_of_range_options_are_refused_before_any_work(arguments: list[str], tmp_path: Path) -> None:
     result = CliRunner().invoke(main, arguments)
     assert result.exit_code == 2 and "Invalid value" in result.output and "Traceback" not in result.output
+
+
+def test_an_image_with_a_huge_side_is_quarantined_before_decoding(tmp_path: Path) -> None:
+    """400,000 x 32 pixels is within the pixel limit, but resizing it would allocate gigabytes."""
+    from PIL import Image
+
+    from curation_platform.reasons import Reason
+
+    buffer = io.BytesIO()
+    Image.new("L", (400_000, 32)).save(buffer, format="PNG")
+    pool = ShardBuilder().sample("000000001", "a long strip", image=buffer.getvalue()).write(tmp_path)
+    ingestion = _ingest_only_shard(pool)
+    assert ingestion.quarantine.column("reason").to_pylist() == [Reason.IMAGE_TOO_LARGE.value]

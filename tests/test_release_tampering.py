@@ -137,3 +137,16 @@ def test_binary_and_huge_recipe_files_are_refused(tmp_path: Path) -> None:
     huge.write_text("name: x\ndescription: " + "a" * 400_000 + "\n")
     with pytest.raises(RecipeError, match="bytes"):
         load_recipe(huge)
+
+
+def test_concurrent_creates_of_one_recipe_publish_consecutive_versions(scored_demo: dict, demo_pool_dir: Path,
+                                                                       tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    sources = ReleaseSources(scored_demo["lance"], str(scored_demo["root"] / "validated"),
+                             scored_demo["teacher"].teacher_id, str(demo_pool_dir / "pool"))
+    recipe = parse_recipe(RECIPE.replace('"tamper"', '"concurrent"'))
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        releases = list(pool.map(lambda _: create_release(recipe, sources, str(tmp_path / "releases")), range(3)))
+    assert sorted(release.version for release in releases) == [1, 2, 3]
+    assert all(verify_release(release.uri, rederive=False).ok for release in releases)

@@ -56,6 +56,8 @@ from curation_platform.scoring.pipeline import uid_sample_bound
 from curation_platform.selection import SelectionResult
 from curation_platform.storage import S3Settings
 
+PUBLISH_ATTEMPTS = 8  # concurrent creators of one recipe publish consecutive versions
+
 
 @dataclass(frozen=True)
 class Release:
@@ -92,11 +94,27 @@ def create_release(recipe: Recipe, sources: ReleaseSources, releases_uri: str,
     selection, uids = select(recipe, frame, sources, provenance, versions.get(EMBEDDINGS_TABLE))
     if options.exclude:
         uids = uids.filter(~uids.is_in(list(options.exclude)))
-    version = next_version(releases_uri, recipe.name, sources.s3)
     samples = _samples_table(recipe, frame, uids)
     funnel = [stage._asdict() for stage in selection.funnel]
     if recipe.max_size is not None or options.exclude:
         funnel.append({"stage": "size bounds and exclusions", "rows": samples.num_rows})
+    for attempt in range(PUBLISH_ATTEMPTS):
+        version = next_version(releases_uri, recipe.name, sources.s3)
+        try:
+            uri, manifest = _stage_and_publish(recipe, sources, releases_uri, options, versions, provenance, frame,
+                                               selection, samples, funnel, version)
+            break
+        except FileExistsError:  # another writer published this version first: take the next one
+            if attempt == PUBLISH_ATTEMPTS - 1:
+                raise
+    return Release(uri, recipe.name, version, manifest)
+
+
+def _stage_and_publish(recipe: Recipe, sources: ReleaseSources, releases_uri: str, options: ReleaseOptions,
+                       versions: dict[str, int], provenance: dict[str, Any], frame: pl.DataFrame,
+                       selection: SelectionResult, samples: pa.Table, funnel: list[dict],
+                       version: int) -> tuple[str, dict[str, Any]]:
+    """Write every file of ``version`` into a local staging folder, pin the tables, publish in one step."""
     with tempfile.TemporaryDirectory(prefix="release-") as scratch:
         staging = Path(scratch)
         samples_bytes = parquet_bytes(samples)
@@ -114,8 +132,7 @@ def create_release(recipe: Recipe, sources: ReleaseSources, releases_uri: str,
         if options.fail_before_publish:
             options.fail_before_publish()
         _pin(sources, versions, recipe.name, version)
-        uri = publish_folder(staging, releases_uri, recipe.name, version, sources.s3)
-    return Release(uri, recipe.name, version, manifest)
+        return publish_folder(staging, releases_uri, recipe.name, version, sources.s3), manifest
 
 
 def _manifest(recipe: Recipe, recipe_file: str, sources: ReleaseSources, versions: dict[str, int],
