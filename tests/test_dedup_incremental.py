@@ -102,7 +102,7 @@ def test_index_groups_equal_exact_search(deduplicated: dict, scored_demo: dict) 
     assert near.height > 0
     assert near.select("group_id", "uid").sort("uid").equals(exhaustive.select("group_id", "uid").sort("uid"))
     index = lance_tables.connect(deduplicated["lance"]).open_table(EMBEDDINGS_TABLE).list_indices()
-    assert [item.index_type for item in index] == ["IvfHnswSq"]
+    assert [item.index_type for item in index] == ["IvfPq"]
 
 
 def test_groups_do_not_depend_on_arrival_order(deduplicated: dict, scored_demo: dict, validated,

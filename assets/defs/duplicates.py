@@ -81,9 +81,9 @@ def evaluation_set_embeddings(context: dg.AssetExecutionContext, platform: Platf
     code_version="image-index-v1",
     kinds={"lancedb"},
     automation_condition=on_statistics_cron(),
-    description="LanceDB's cosine vector index (IVF_HNSW_SQ by default) on the image embeddings: created once the table is large "
-                "enough, then extended with new rows (no retraining); unchanged when nothing is new. Queries "
-                "search rows added since exactly, so no result waits for it: it only makes them fast.",
+    description="LanceDB's cosine vector index (IVF_PQ by default) on the image embeddings: created once the "
+                "table is large enough, then extended with new rows (no retraining); unchanged when nothing is "
+                "new. Queries search rows added since exactly, so no result waits for it: it only makes them fast.",
 )
 def image_index(platform: PlatformResource, duplicates: DuplicatesResource) -> dg.MaterializeResult:
     state = ensure_vector_index(platform.lancedb_uri, duplicates.search(), platform.s3)

@@ -32,7 +32,10 @@ VECTOR_COLUMN = "image_embedding"
 INDEX_NAME = "image_embedding_idx"
 PAIRS_SCHEMA = {"uid": pl.String, "matches_uid": pl.String, "matches_shard": pl.String, "similarity": pl.Float64}
 IndexAction = Literal["created", "extended", "unchanged", "flat"]
-IndexType = Literal["IVF_HNSW_SQ", "IVF_HNSW_FLAT"]  # 8-bit vectors (4x smaller), or the float32 ones
+# IVF_PQ: new rows are appended to their partitions in 0.1 s per 10k; the HNSW graphs took 74 s per 10k
+# new rows at 100k (BENCHMARKS.md, "Duplicates at scale"), so they suit pools indexed once
+IndexType = Literal["IVF_PQ", "IVF_HNSW_SQ", "IVF_HNSW_FLAT"]
+INDEX_TYPES: tuple[str, ...] = ("IVF_PQ", "IVF_HNSW_SQ", "IVF_HNSW_FLAT")
 
 
 @dataclass(frozen=True)
@@ -41,8 +44,8 @@ class NearSearch:
 
     ``neighbours`` bounds the matches per query (a query that fills it is asked again with a larger
     limit, up to ``max_neighbours``, and reported as saturated if it fills that too);
-    ``nprobes`` IVF partitions are searched and ``refine_factor`` x ``neighbours`` candidates are
-    re-ranked on the full vectors. Below ``min_index_rows`` rows no index is built and every query is
+    ``nprobes`` IVF partitions are searched; with IVF_PQ, ``refine_factor`` x ``neighbours``
+    candidates are re-ranked on the full vectors (the HNSW indexes ignore it). Below ``min_index_rows`` rows no index is built and every query is
     an exact flat search.
     """
 
@@ -50,13 +53,13 @@ class NearSearch:
     neighbours: int = 32
     max_neighbours: int = 4096
     nprobes: int = 20
-    refine_factor: int | None = None  # candidates are decided on exact vectors; re-ranking cost 3x the time
+    refine_factor: int | None = 4
     min_index_rows: int = 5_000
     rows_per_partition: int = 4_096
-    # cosine-distance slack for the index's 8-bit scalar quantisation: at 0.02 the scored test demo lost
-    # 28% of its pairs, at 0.05 0.3%, at 0.1 none (candidates are decided exactly, so slack costs only time)
+    # cosine-distance slack for the index's quantisation: with IVF_HNSW_SQ at 0.02 the scored test demo
+    # lost 28% of its pairs, at 0.05 0.3%, at 0.1 none (candidates are decided exactly: slack costs time only)
     candidate_margin: float = 0.1
-    index_type: IndexType = "IVF_HNSW_SQ"
+    index_type: IndexType = "IVF_PQ"
     query_batch: int = 256
 
     def __post_init__(self) -> None:
@@ -65,8 +68,8 @@ class NearSearch:
         for name in ("neighbours", "max_neighbours", "nprobes", "min_index_rows", "rows_per_partition", "query_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.index_type not in ("IVF_HNSW_SQ", "IVF_HNSW_FLAT"):
-            raise ValueError(f"index_type must be IVF_HNSW_SQ or IVF_HNSW_FLAT, got {self.index_type!r}")
+        if self.index_type not in INDEX_TYPES:
+            raise ValueError(f"index_type must be one of {INDEX_TYPES}, got {self.index_type!r}")
         if self.refine_factor is not None and self.refine_factor < 1:
             raise ValueError(f"refine_factor must be >= 1 or None, got {self.refine_factor}")
 
@@ -110,11 +113,11 @@ def _index_of(table) -> str | None:
 
 def ensure_vector_index(lance_uri: str, search: NearSearch = NearSearch(), s3: S3Settings | None = None,
                         table_name: str = EMBEDDINGS_TABLE) -> IndexState:
-    """Create the cosine IVF_HNSW index on the image embeddings, or extend it with new rows; idempotent.
+    """Create the cosine vector index on the image embeddings, or extend it with new rows; idempotent.
 
-    The IVF_HNSW_SQ index is built on the GPU (``accelerator="cuda"``) when torch sees one.
+    IVF_PQ and IVF_HNSW_SQ are trained on the GPU (``accelerator="cuda"``) when torch sees one.
     """
-    from lancedb.index import IvfHnswFlat, IvfHnswSq
+    from lancedb.index import IvfHnswFlat, IvfHnswSq, IvfPq
 
     table = _embeddings(lance_uri, s3, table_name)
     rows = table.count_rows()
@@ -123,9 +126,12 @@ def ensure_vector_index(lance_uri: str, search: NearSearch = NearSearch(), s3: S
         if rows < search.min_index_rows:
             return IndexState("flat", 0, rows)
         partitions = max(1, rows // search.rows_per_partition)
-        config = (IvfHnswSq(distance_type="cosine", num_partitions=partitions, accelerator=_accelerator())
-                  if search.index_type == "IVF_HNSW_SQ" else IvfHnswFlat(distance_type="cosine",
-                                                                         num_partitions=partitions))
+        config = {
+            "IVF_PQ": lambda: IvfPq(distance_type="cosine", num_partitions=partitions, accelerator=_accelerator()),
+            "IVF_HNSW_SQ": lambda: IvfHnswSq(distance_type="cosine", num_partitions=partitions,
+                                             accelerator=_accelerator()),
+            "IVF_HNSW_FLAT": lambda: IvfHnswFlat(distance_type="cosine", num_partitions=partitions),
+        }[search.index_type]()
         table.create_index(VECTOR_COLUMN, config=config, name=INDEX_NAME)
         stats = table.index_stats(INDEX_NAME)
         return IndexState("created", stats.num_indexed_rows, stats.num_unindexed_rows, partitions)
@@ -164,7 +170,6 @@ def near_matches(lance_uri: str, teacher_id: str, shard: str, search: NearSearch
     uids, rows = shard_image_embeddings(lance_uri, teacher_id, shard, s3, table_name)
     table = _embeddings(lance_uri, s3, table_name)
     threshold = 1.0 - search.eps - FLOAT_TOLERANCE
-    teacher = f"teacher_id = {lance_tables.sql_string(teacher_id)}"
     unit = unit_rows(rows).astype(np.float64) if len(uids) else rows
     found: list[tuple[str, str, str, float]] = []
     candidates = queries = saturated = 0
@@ -172,21 +177,27 @@ def near_matches(lance_uri: str, teacher_id: str, shard: str, search: NearSearch
     def query(positions: np.ndarray, limit: int) -> np.ndarray:
         """Run the queries of ``positions``; keep the decided pairs; return the positions that hit ``limit``."""
         nonlocal candidates, queries
-        # nearest ``limit`` neighbours, filtered here: LanceDB's distance_range made queries 13x slower
+        # the nearest ``limit`` neighbours, filtered here: LanceDB's distance_range made queries 13x slower
+        # and a teacher prefilter, which scans the table's teacher column per query batch, 5x slower at 100k
         builder = (table.search(list(rows[positions]), vector_column_name=VECTOR_COLUMN).distance_type("cosine")
-                   .where(teacher, prefilter=True)
-                   .limit(limit).nprobes(search.nprobes).ef(2 * limit * (search.refine_factor or 1))
-                   .select(["uid", "shard", VECTOR_COLUMN, "_distance"]))
-        if search.refine_factor is not None:
+                   .limit(limit).nprobes(search.nprobes)
+                   .select(["uid", "shard", "teacher_id", VECTOR_COLUMN, "_distance"]))
+        if search.index_type == "IVF_PQ" and search.refine_factor is not None:
             builder = builder.refine_factor(search.refine_factor)
+        elif search.index_type != "IVF_PQ":
+            builder = builder.ef(2 * limit)
         result = builder.to_arrow()
         queries += len(positions)
         if not result.num_rows:
             return positions[:0]
-        result = result.filter(pc.less_equal(result.column("_distance"), search.eps + search.candidate_margin))
+        close = result.filter(pc.less_equal(result.column("_distance"), search.eps + search.candidate_margin))
+        local_all = (close.column("query_index").to_numpy() if "query_index" in close.column_names
+                     else np.zeros(close.num_rows, dtype=np.int64))
+        full = positions[np.bincount(local_all, minlength=len(positions)) >= limit]
+        result = close.filter(pc.equal(close.column("teacher_id"), teacher_id))
         candidates += result.num_rows
         if not result.num_rows:
-            return positions[:0]
+            return full
         # a single query comes back without a query_index column
         local = (result.column("query_index").to_numpy() if "query_index" in result.column_names
                  else np.zeros(result.num_rows, dtype=np.int64))
@@ -196,7 +207,7 @@ def near_matches(lance_uri: str, teacher_id: str, shard: str, search: NearSearch
         for position, (other, other_shard), cosine in zip(owners.tolist(), others, cosines.tolist()):
             if other != uids[position] and cosine >= threshold:
                 found.append((uids[position], str(other), str(other_shard), min(cosine, 1.0)))
-        return positions[np.bincount(local, minlength=len(positions)) >= limit]
+        return full
 
     for start in range(0, len(uids), search.query_batch):
         full = query(np.arange(start, min(start + search.query_batch, len(uids))), search.neighbours + 1)
