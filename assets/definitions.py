@@ -15,7 +15,7 @@ from curation_platform_dagster.defs.duplicates import (
     duplicate_groups,
     duplicate_groups_are_consistent,
     duplicate_pairs,
-    evaluation_set_embeddings,
+    eval_set_embeddings,
     image_index,
 )
 from curation_platform_dagster.defs.embeddings import embeddings, embeddings_meet_expectations
@@ -80,7 +80,7 @@ def build_definitions(settings: dict | None = None, resources: dict | None = Non
                    for recipe, release in zip(recipes, releases, strict=True)]
     return dg.Definitions(
         assets=[validated_samples, teacher, embeddings, reference_sample, normsim_target, shard_scores,
-                score_statistics, evaluation_set_embeddings, image_index, duplicate_pairs, duplicate_groups,
+                score_statistics, eval_set_embeddings, image_index, duplicate_pairs, duplicate_groups,
                 *releases, *evaluations],
         asset_checks=checks,
         jobs=[shard_pipeline],

@@ -23,7 +23,7 @@ from tests.helpers.demo import build_small_demo_pool
 from tests.helpers.teachers import TINY_STUDENT, tiny_teacher_dir
 
 PER_SHARD = ("validated_samples", "embeddings", "shard_scores", "duplicate_pairs")
-GLOBAL = ("teacher", "reference_sample", "normsim_target", "score_statistics", "evaluation_set_embeddings",
+GLOBAL = ("teacher", "reference_sample", "normsim_target", "score_statistics", "eval_set_embeddings",
           "image_index", "duplicate_groups")
 PROMPT = "a photo of a geometric shape"
 RECIPE = 'name = "clip-top"\n[[stage]]\ntype = "top_fraction"\nscore = "clip_score"\nfraction = 0.5\n'
@@ -115,7 +115,7 @@ def test_whole_graph_then_only_the_new_shard(tmp_path: Path, demo_pool_dir: Path
     statistics = pool_wide.materialized["score_statistics"]
     assert statistics["dagster/row_count"] == accepted and statistics["shards"] == 1
     assert "kl_text_coverage_png" in statistics and "data:image/png;base64," in statistics["score_histograms_png"]
-    reference = by_step[(("evaluation_set_embeddings", "image_index", "normsim_target", "reference_sample"),
+    reference = by_step[(("eval_set_embeddings", "image_index", "normsim_target", "reference_sample"),
                          None)].materialized
     assert reference["reference_sample"]["dagster/row_count"] == 100
     assert reference["normsim_target"]["dagster/row_count"] > 0
@@ -163,7 +163,7 @@ def test_whole_graph_then_only_the_new_shard(tmp_path: Path, demo_pool_dir: Path
     assert executed == {("embeddings", "00002"), ("shard_scores", "00002"), ("image_index", None),
                         ("duplicate_pairs", "00002"), ("score_statistics", None), ("duplicate_groups", None)}
     after = {asset: _materialised(instance, asset) for asset in PER_SHARD + GLOBAL}
-    for asset in ("teacher", "reference_sample", "normsim_target", "evaluation_set_embeddings"):
+    for asset in ("teacher", "reference_sample", "normsim_target", "eval_set_embeddings"):
         assert after[asset] == before[asset], f"{asset} was recomputed"
     for asset in PER_SHARD:
         assert after[asset]["00000"] == before[asset]["00000"], f"{asset}[00000] was recomputed"

@@ -49,7 +49,7 @@ def test_run_on_a_users_own_pool(other_pool: Path, tmp_path: Path, monkeypatch: 
     assert "release clip-half-1-" in first.output
     assert f"CURATION_TEACHER_TRAIN_ON={other_pool / 'reference'}" in first.output
     assert not (home / "demo").exists() and sorted(path.name for path in home.iterdir()) == [
-        "analysis", "curation.json", "dagster", "lancedb", "releases", "state", "teacher", "validated"]
+        "analysis", "curation.json", "dagster", "duplicates", "lancedb", "releases", "state", "teacher", "validated"]
     assert json.loads((home / "curation.json").read_text()) == SETTINGS, "the user's settings are never rewritten"
     manifest = json.loads(next((home / "releases" / "clip-half").glob("*/manifest.json")).read_text())
     assert manifest["selected"] > 0 and len(manifest["input_shards"]) == 2

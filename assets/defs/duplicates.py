@@ -53,7 +53,7 @@ def _png_markdown(name: str, png: bytes) -> dg.MetadataValue:
     description="The teacher's image embeddings of every registered evaluation set: what decontamination "
                 "compares the pool against.",
 )
-def evaluation_set_embeddings(context: dg.AssetExecutionContext, platform: PlatformResource,
+def eval_set_embeddings(context: dg.AssetExecutionContext, platform: PlatformResource,
                               teacher_config: TeacherResource, duplicates: DuplicatesResource) -> dg.MaterializeResult:
     sets = duplicates.sets(platform)
     if not sets:
@@ -97,7 +97,7 @@ def image_index(platform: PlatformResource, duplicates: DuplicatesResource) -> d
 
 @dg.asset(
     partitions_def=shard_partitions,
-    deps=[embeddings, evaluation_set_embeddings],
+    deps=[embeddings, eval_set_embeddings],
     group_name="duplicates",
     code_version="duplicate-pairs-v1",
     kinds={"lancedb"},
@@ -115,7 +115,7 @@ def duplicate_pairs(context: dg.AssetExecutionContext, platform: PlatformResourc
     exact.add_shard(shard.name, samples)
     search = duplicates.search()
     near = near_matches(platform.lancedb_uri, teacher_id, shard.name, search, platform.s3)
-    set_ids = _latest(context, evaluation_set_embeddings, "set_ids") or {}
+    set_ids = _latest(context, eval_set_embeddings, "set_ids") or {}
     sets = [load_set(platform.lancedb_uri, EVALUATION_TABLE, set_id, platform.s3) for set_id in set_ids.values()]
     uids, images = shard_image_embeddings(platform.lancedb_uri, teacher_id, shard.name, platform.s3)
     copies = copies_in_shard(uids, images, sets, duplicates.contamination_eps)
