@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import time
 from collections import Counter, deque
@@ -358,6 +359,9 @@ def _identify(
     seen_uids.add(uid)
 
     source = row or meta
+    problem = _metadata_problem(source)
+    if problem:
+        return Reason.INVALID_METADATA, problem, uid
     return {
         "uid": uid,
         "key": item.key,
@@ -368,6 +372,28 @@ def _identify(
         "image_offset": item.offsets.get("image", -1),
         "members": item.member_names,
     }
+
+
+_INT32_MAX = 2**31 - 1
+
+
+def _metadata_problem(source: dict[str, Any]) -> str | None:
+    """Why the img2dataset fields ingestion keeps (url, original size) cannot be stored, or None.
+
+    Schema drift (an int url, a json object, a width of 1e400 or beyond int32) becomes this sample's
+    quarantine reason instead of an Arrow error that would stop the shard and the pool's ingest.
+    """
+    url = source.get("url")
+    if url is not None and not isinstance(url, str):
+        return f"url is {type(url).__name__}, expected a string"
+    for name in ("original_width", "original_height"):
+        value = source.get(name)
+        if value is None:
+            continue
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not number or not math.isfinite(value) or value != int(value) or not 0 <= value <= _INT32_MAX:
+            return f"{name} is {value!r:.40}, expected a pixel count in [0, {_INT32_MAX}]"
+    return None
 
 
 def _row_uid(row: dict[str, Any] | None) -> str | None:

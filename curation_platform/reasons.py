@@ -28,6 +28,7 @@ class Reason(StrEnum):
     UID_CONFLICT = "uid_conflict"
     DUPLICATE_UID = "duplicate_uid"
     INVALID_JSON = "invalid_json"
+    INVALID_METADATA = "invalid_metadata"
     # Content.
     DECOMPRESSION_BOMB = "decompression_bomb"
     IMAGE_TOO_LARGE = "image_too_large"
@@ -55,6 +56,7 @@ REASON_DESCRIPTIONS: dict[Reason, str] = {
     Reason.UID_CONFLICT: "json and parquet give different uids for the key",
     Reason.DUPLICATE_UID: "uid already taken by an earlier sample of the shard",
     Reason.INVALID_JSON: "KEY.json is not a JSON object",
+    Reason.INVALID_METADATA: "a url or original size in the parquet/json of the wrong type or out of range",
     Reason.DECOMPRESSION_BOMB: "declared pixel count above the limit (not decoded)",
     Reason.IMAGE_TOO_LARGE: "an image side above the safety limit (not decoded): resizing it would take gigabytes",
     Reason.UNSUPPORTED_IMAGE_FORMAT: "image decodes to a format outside the allowed set",

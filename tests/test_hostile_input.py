@@ -95,3 +95,34 @@ def test_an_image_with_a_huge_side_is_quarantined_before_decoding(tmp_path: Path
     pool = ShardBuilder().sample("000000001", "a long strip", image=buffer.getvalue()).write(tmp_path)
     ingestion = _ingest_only_shard(pool)
     assert ingestion.quarantine.column("reason").to_pylist() == [Reason.IMAGE_TOO_LARGE.value]
+
+
+def test_schema_drift_is_a_quarantine_reason_and_the_pool_goes_on(tmp_path: Path) -> None:
+    """Wrong types in the img2dataset metadata quarantine their sample (invalid_metadata); the shard and the
+    pool's other shards are still written."""
+    from curation_platform.ingest import ingest_pool, write_ingestion
+    from curation_platform.reasons import Reason
+    from tests.helpers.shards import jpeg_bytes
+
+    pool = tmp_path / "pool"
+    drifted = ShardBuilder(name="00000")
+    for key, meta in (("000000001", {"url": {"href": "x"}}), ("000000002", {"original_width": 1e400}),
+                      ("000000003", {"original_width": 2**40}), ("000000004", {"url": "http://x/4"})):
+        drifted.file(f"{key}.jpg", jpeg_bytes()).file(f"{key}.txt", b"a red circle")
+        drifted.file(f"{key}.json", json.dumps({"key": key, **meta}).replace("Infinity", "1e400").encode())
+    drifted.write(pool)
+    (pool / "00000.parquet").unlink()  # json-only: the json is the metadata
+    ShardBuilder(name="00001").sample("000000005", "a blue square").write(pool)
+    schema = pa.schema([("key", pa.string()), ("url", pa.int64()), ("caption", pa.string()),
+                        ("status", pa.string()), ("error_message", pa.string())])
+    pq.write_table(pa.Table.from_pylist([{"key": "000000005", "url": 5, "caption": "c", "status": "success",
+                                          "error_message": None}], schema=schema), pool / "00001.parquet")
+    ShardBuilder(name="00002").sample("000000006", "a green star").write(pool)
+    results = {item.report.shard: item for item in ingest_pool(discover_shards(str(pool)), limits=LIMITS)}
+    for item in results.values():
+        write_ingestion(item, str(tmp_path / "validated"))
+    reasons = results["00000"].quarantine.column("reason").to_pylist()
+    assert reasons == [Reason.INVALID_METADATA.value] * 3 and results["00000"].accepted.num_rows == 1
+    assert results["00001"].quarantine.column("reason").to_pylist() == [Reason.INVALID_METADATA.value]
+    assert results["00002"].accepted.num_rows == 1, "a healthy shard after the drifted ones is written"
+    assert len(list((tmp_path / "validated" / "reports").iterdir())) == 3
