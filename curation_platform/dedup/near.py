@@ -94,7 +94,9 @@ def _spherical_kmeans(sample: np.ndarray, clusters: int, seed: int, device: str,
     return centroids.cpu().numpy()
 
 
-class _UnionFind:
+class UnionFind:
+    """Union-find over 0..size-1 whose root is always the smallest member (so group ids are stable)."""
+
     def __init__(self, size: int) -> None:
         self.parent = np.arange(size)
 
@@ -173,7 +175,7 @@ def semdedup(embeddings: Iterable[Batch], *, clusters: int, eps: float = DEFAULT
                 assign[start:start + step] = (block @ on_device.T).argmax(dim=1).cpu().numpy()
 
         # 3. within each cluster, blockwise pairwise cosines -> union-find
-        union = _UnionFind(total)
+        union = UnionFind(total)
         best = np.full(total, -np.inf)
         order = np.argsort(assign, kind="stable")
         bounds = np.searchsorted(assign[order], np.arange(clusters + 1))

@@ -21,13 +21,12 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import polars as pl
 import pyarrow as pa
 
 from curation_platform import lance_tables
 from curation_platform.dedup.exact import DUPLICATE_KINDS, ExactDuplicateIndex
-from curation_platform.dedup.near import FLOAT_TOLERANCE
+from curation_platform.dedup.near import FLOAT_TOLERANCE, UnionFind
 from curation_platform.storage import S3Settings
 
 PAIRS_TABLE = "duplicate_pairs"
@@ -119,22 +118,11 @@ def connected_components(edges: pl.DataFrame) -> pl.DataFrame:
     group id (the component's smallest uid) and the highest similarity among its edges."""
     members = pl.concat([edges["uid"], edges["matches_uid"]]).unique().sort()
     code = {uid: index for index, uid in enumerate(members.to_list())}
-    parent = np.arange(len(code))
-
-    def find(item: int) -> int:
-        root = item
-        while parent[root] != root:
-            root = parent[root]
-        while parent[item] != root:
-            parent[item], item = root, parent[item]
-        return int(root)
-
+    union = UnionFind(len(code))  # the root is the smallest code, i.e. the smallest uid
     for left, right in zip(edges["uid"].to_list(), edges["matches_uid"].to_list()):
-        a, b = find(code[left]), find(code[right])
-        if a != b:
-            parent[max(a, b)] = min(a, b)  # the root is the smallest code, i.e. the smallest uid
+        union.union(code[left], code[right])
     names = members.to_list()
-    roots = [names[find(index)] for index in range(len(names))]
+    roots = [names[union.find(index)] for index in range(len(names))]
     best = (pl.concat([edges.select("uid", "similarity"),
                        edges.select(pl.col("matches_uid").alias("uid"), "similarity")])
             .group_by("uid").agg(pl.col("similarity").max()))
