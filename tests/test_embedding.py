@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from curation_platform.embedding.engine import embed_shard, embed_shards
 from curation_platform.embedding.precomputed import import_npz
-from curation_platform.embedding.sinks import ArrowSink, LanceSink, NullSink
+from curation_platform.embedding.sinks import ArrowSink, LanceSink, NullSink, remove_orphaned_staging
 from curation_platform.ingest import ingest_shard
 from curation_platform.pool import ShardRef, discover_shards
 from curation_platform.quality import embeddings_suite
@@ -175,6 +175,13 @@ def test_concurrent_writers_and_kill_retry_leave_exact_rows(tmp_path: Path, teac
     child.send_signal(signal.SIGKILL)
     child.wait(timeout=30)
     assert sink.open_table(32).count_rows() == before
+    staging = tmp_path / "curation-platform-staging"
+    orphans = set(staging.glob("embeddings-*.arrow"))
+    assert len(orphans) == 1  # "writing" is printed once the shard's rows are staged
+    live = staging / f"embeddings-{os.getpid()}-live.arrow"  # a running writer's file is never touched
+    live.write_bytes(b"")
+    assert set(remove_orphaned_staging(staging)) == orphans
+    assert list(staging.glob("embeddings-*.arrow")) == [live]
     embed_in_child(str(teacher_dir), pool, names[0], lance_uri, 0.0)
     assert sink.open_table(32).count_rows() == before
 

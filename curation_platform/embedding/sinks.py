@@ -3,7 +3,8 @@
 Every sink writes one (shard, teacher) at a time and makes it visible in one step: rows are
 staged (in a local Arrow IPC file, so memory stays bounded) and committed at the end. A run killed
 mid-shard therefore leaves the previous state untouched, and a retry replaces exactly that shard's
-rows for that teacher: no duplicates, no leftovers.
+rows for that teacher: no duplicates, no leftovers. Staging files carry their writer's pid, so the
+next writer removes those of killed processes (:func:`remove_orphaned_staging`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from curation_platform.storage import S3Settings
 
 EMBEDDINGS_TABLE = "embeddings"
 PRIMARY_KEY = ("row_key",)
+STAGING_PREFIX = "embeddings-"
 
 
 def row_keys(teacher_id: str, uids: list[str]) -> list[str]:
@@ -87,11 +89,41 @@ class EmbeddingSink(Protocol):
     def shard_writer(self, shard: str, teacher_id: str, dim: int) -> Any: ...
 
 
+def staging_dir() -> Path:
+    """Where staged shards live: one folder under ``$TMPDIR``, so a sweep lists only them."""
+    folder = Path(tempfile.gettempdir()) / "curation-platform-staging"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    return folder
+
+
+def remove_orphaned_staging(folder: Path | None = None) -> list[Path]:
+    """Delete staging files whose writer process no longer exists (a killed ``embed``)."""
+    removed = []
+    for path in (folder or staging_dir()).glob(f"{STAGING_PREFIX}*.arrow"):
+        pid = path.name[len(STAGING_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not _process_exists(int(pid)):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
+
+
 class _StagedWriter:
     """Rows of one shard staged in a temporary Arrow IPC file on local disk."""
 
     def __init__(self, schema: pa.Schema) -> None:
-        handle, path = tempfile.mkstemp(prefix="embeddings-", suffix=".arrow")
+        folder = staging_dir()
+        remove_orphaned_staging(folder)
+        handle, path = tempfile.mkstemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", suffix=".arrow", dir=folder)
         os.close(handle)
         self.path = Path(path)
         self.schema = schema
