@@ -25,6 +25,7 @@ from curation_platform_dagster.defs.ingestion import (
     samples_meet_expectations,
     shard_discovery_sensor,
     shard_reconciles,
+    uids_kept_once,
     validated_samples,
 )
 from curation_platform_dagster.defs.releases import load_recipes, release_asset
@@ -70,7 +71,7 @@ def build_definitions(settings: dict | None = None, resources: dict | None = Non
         "training_progress": no_progress,
     } | (resources or {})
     checks = [teacher_gate(blocking=resources["teacher_config"].blocks), shard_reconciles, samples_meet_expectations,
-              quarantine_rate_within_bound, embeddings_meet_expectations, scores_meet_expectations,
+              quarantine_rate_within_bound, uids_kept_once, embeddings_meet_expectations, scores_meet_expectations,
               statistics_are_sane, duplicate_groups_are_consistent]
     check_keys = [key for check in checks for key in check.check_keys]
     recipes = load_recipes(resources["platform"].recipes_dir)

@@ -7,7 +7,12 @@ by ``batch_size x workers`` samples whatever the shard size, and results keep st
 
 uids: DataComp's 32-hex ``uid`` (KEY.json or parquet) when present; otherwise
 ``sha256("curation-platform:uid:v1\\0" + shard name + "\\0" + key)[:32]``, stable across re-runs
-and independent of content, so fixing a caption does not change a sample's identity.
+and independent of content, so fixing a caption does not change a sample's identity. A uid that
+another shard also accepts is kept once pool-wide (:mod:`curation_platform.uid_registry`).
+
+When the parquet (or json) says a sample was not downloaded but the tar holds its members, the tar
+wins: its bytes are what webdataset and DataComp's resharder read, and they pass every check here.
+The disagreement is counted in the shard report's ``warnings``.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from curation_platform.processes import worker_context
 from curation_platform.reasons import Reason
 from curation_platform.shard_reader import TarReadSummary, TarSample, UnsafeEntry, iter_tar_samples
 from curation_platform.storage import S3Settings
+from curation_platform.uid_registry import MemoryUidRegistry, UidRegistry, claim
 from curation_platform.validation import ContentOk, ContentRejected, ValidationLimits, check_content
 
 UID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
@@ -100,6 +106,8 @@ class ShardReport:
     errors: list[str]
     bytes_read: int
     seconds: float
+    warnings: list[str] = field(default_factory=list)
+    displaced: dict[str, int] = field(default_factory=dict)  # later shard -> this shard's uids it kept
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -171,8 +179,9 @@ class ShardIngester:
     accounts for every sample either shard file mentions."""
 
     def __init__(self, shard: ShardRef, *, s3: S3Settings | None = None, limits: ValidationLimits = ValidationLimits(),
-                 executor: Executor | None = None, batch_size: int = 64, batches_in_flight: int = 4) -> None:
-        self.shard, self.s3, self.limits, self.executor = shard, s3, limits, executor
+                 executor: Executor | None = None, batch_size: int = 64, batches_in_flight: int = 4,
+                 registry: UidRegistry | None = None) -> None:
+        self.shard, self.s3, self.limits, self.executor, self.registry = shard, s3, limits, executor, registry
         self.batch_size, self.batches_in_flight = batch_size, batches_in_flight
         self.rows = _Rows()
         self.errors: list[str] = []
@@ -184,7 +193,8 @@ class ShardIngester:
         self.pending: dict[int, dict[str, Any]] = {}
         self.in_flight: deque[Future] = deque()
         self.summary = TarReadSummary()
-        self.tar_samples = self.ignored_members = 0
+        self.tar_samples = self.ignored_members = self.status_disagreements = 0
+        self.displaced: dict[str, int] = {}
 
     def run(self) -> ShardIngestion:
         started = time.perf_counter()
@@ -197,6 +207,7 @@ class ShardIngester:
         else:
             self._read_tar(parquet_rows is not None, parquet_error)
         self._account_unmatched_parquet_rows()
+        self._claim_uids()
         return self._result(parquet_rows, time.perf_counter() - started)
 
     def _reject(self, seq: int, uid: str, key: str, reason: Reason, detail: str, members: list[str]) -> None:
@@ -230,6 +241,7 @@ class ShardIngester:
                     reason, detail, uid = sample
                     self._reject(seq, uid, item.key, reason, detail, item.member_names)
                     continue
+                self.status_disagreements += sample.pop("status_disagrees")
                 self.pending[seq] = {**self.base, **sample}
                 self.batch.append((seq, item.payloads.get("image"), item.payloads.get("txt")))
                 if len(self.batch) >= self.batch_size:
@@ -266,6 +278,7 @@ class ShardIngester:
                 "image_member": sample["image_member"],
                 "image_offset": sample["image_offset"],
                 "aspect_ratio": aspect,
+                "members": sample["members"],
                 **asdict(result),
             }
             self.rows.accepted.append((seq, accepted))
@@ -286,6 +299,33 @@ class ShardIngester:
                 detail = "parquet says success but the tar has no members for this key" + tar_note
                 self._reject(seq, uid, key, Reason.MISSING_MEMBER, detail, [])
 
+    def _claim_uids(self) -> None:
+        """Quarantine accepted copies of uids that an earlier-named shard keeps (see uid_registry)."""
+        if self.registry is None:
+            return
+        decided = claim(self.registry, self.shard.name, [row["uid"] for _, row in self.rows.accepted])
+        self.displaced = decided.displaced
+        kept = []
+        for seq, row in self.rows.accepted:
+            owner = decided.owners.get(row["uid"])
+            if owner is None:
+                kept.append((seq, row))
+            else:
+                self.rows.reject(seq, row, Reason.CROSS_SHARD_DUPLICATE,
+                                 f"uid {row['uid']} is also in shard {owner}, which keeps it (its name sorts first)",
+                                 row["members"])
+        self.rows.accepted = kept
+
+    def _warnings(self) -> list[str]:
+        warnings = []
+        if self.status_disagreements:
+            warnings.append(f"{self.status_disagreements} samples have members in the tar although their parquet/json "
+                            "status is not 'success': the tar wins (they were checked like any other sample)")
+        if self.displaced:
+            shards = ", ".join(f"{name} ({count})" for name, count in self.displaced.items())
+            warnings.append(f"shards that sort later kept copies of this shard's uids: {shards}; re-ingest them")
+        return warnings
+
     def _result(self, parquet_rows: list[dict[str, Any]] | None, seconds: float) -> ShardIngestion:
         accepted = self.rows.table("accepted", ACCEPTED_SCHEMA)
         quarantine = self.rows.table("quarantine", QUARANTINE_SCHEMA)
@@ -304,15 +344,19 @@ class ShardIngester:
             errors=self.errors,
             bytes_read=self.summary.bytes_read,
             seconds=round(seconds, 3),
+            warnings=self._warnings(),
+            displaced=self.displaced,
         )
         return ShardIngestion(report=report, accepted=accepted, quarantine=quarantine)
 
 
 def ingest_shard(shard: ShardRef, *, s3: S3Settings | None = None, limits: ValidationLimits = ValidationLimits(),
-                 executor: Executor | None = None, batch_size: int = 64, batches_in_flight: int = 4) -> ShardIngestion:
-    """Validate one shard (see :class:`ShardIngester`); ``executor`` (:func:`make_executor`) parallelises decoding."""
+                 executor: Executor | None = None, batch_size: int = 64, batches_in_flight: int = 4,
+                 registry: UidRegistry | None = None) -> ShardIngestion:
+    """Validate one shard (see :class:`ShardIngester`); ``executor`` (:func:`make_executor`) parallelises
+    decoding; with a ``registry`` a uid another shard keeps is quarantined as ``cross_shard_duplicate``."""
     return ShardIngester(shard, s3=s3, limits=limits, executor=executor, batch_size=batch_size,
-                         batches_in_flight=batches_in_flight).run()
+                         batches_in_flight=batches_in_flight, registry=registry).run()
 
 
 def _identify(
@@ -362,9 +406,11 @@ def _identify(
     problem = _metadata_problem(source)
     if problem:
         return Reason.INVALID_METADATA, problem, uid
+    status = source.get("status")
     return {
         "uid": uid,
         "key": item.key,
+        "status_disagrees": status is not None and status != "success",
         "url": source.get("url"),
         "original_width": _int_or_none(source.get("original_width")),
         "original_height": _int_or_none(source.get("original_height")),
@@ -378,14 +424,15 @@ _INT32_MAX = 2**31 - 1
 
 
 def _metadata_problem(source: dict[str, Any]) -> str | None:
-    """Why the img2dataset fields ingestion keeps (url, original size) cannot be stored, or None.
+    """Why the img2dataset fields ingestion reads (url, status, original size) cannot be used, or None.
 
     Schema drift (an int url, a json object, a width of 1e400 or beyond int32) becomes this sample's
     quarantine reason instead of an Arrow error that would stop the shard and the pool's ingest.
     """
-    url = source.get("url")
-    if url is not None and not isinstance(url, str):
-        return f"url is {type(url).__name__}, expected a string"
+    for name in ("url", "status"):
+        value = source.get(name)
+        if value is not None and not isinstance(value, str):
+            return f"{name} is {type(value).__name__}, expected a string"
     for name in ("original_width", "original_height"):
         value = source.get(name)
         if value is None:
@@ -414,15 +461,34 @@ def ingest_pool(
     s3: S3Settings | None = None,
     limits: ValidationLimits = ValidationLimits(),
     workers: int = 0,
+    registry: UidRegistry | None = None,
 ) -> Iterator[ShardIngestion]:
-    """Ingest shards one after another, sharing one pool of decode workers."""
+    """Ingest shards in name order, sharing one pool of decode workers and one uid registry (by default
+    one for this run only).
+
+    A shard that fails unexpectedly yields an empty ingestion whose report names the error, so the
+    pool's other shards are still ingested and the failed one is still accounted for.
+    """
+    registry = registry if registry is not None else MemoryUidRegistry()
     executor = make_executor(workers)
     try:
-        for shard in shards:
-            yield ingest_shard(shard, s3=s3, limits=limits, executor=executor)
+        for shard in sorted(shards, key=lambda ref: ref.name):
+            try:
+                yield ingest_shard(shard, s3=s3, limits=limits, executor=executor, registry=registry)
+            except Exception as error:  # noqa: BLE001 - one shard's failure must not stop the pool
+                yield failed_ingestion(shard, error)
     finally:
         if executor is not None:
             executor.shutdown(cancel_futures=True)
+
+
+def failed_ingestion(shard: ShardRef, error: Exception) -> ShardIngestion:
+    """An ingestion that accepted nothing because of ``error``: its report is a shard-level error."""
+    report = ShardReport(shard=shard.name, shard_id=shard.shard_id, checksum=shard.checksum, total=0, accepted=0,
+                         quarantined=0, by_reason={}, parquet_rows=None, tar_samples=0, ignored_members=0,
+                         tar_directories=0, errors=[f"ingestion failed: {type(error).__name__}: {error}"],
+                         bytes_read=0, seconds=0.0)
+    return ShardIngestion(report, ACCEPTED_SCHEMA.empty_table(), QUARANTINE_SCHEMA.empty_table())
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:

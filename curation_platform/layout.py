@@ -71,6 +71,11 @@ class ShardOutputs:
         """The folder holding every shard's accepted samples (one parquet dataset)."""
         return storage.join(validated_uri, "samples")
 
+    @staticmethod
+    def uid_registry(validated_uri: str) -> str:
+        """The LanceDB database recording which shards hold each accepted uid (see uid_registry)."""
+        return storage.join(validated_uri, "uids")
+
 
 @dataclass(frozen=True)
 class ProjectLayout:

@@ -2,7 +2,7 @@
 
 Codes are stable strings (they land in parquet files, reports and Dagster checks); add new
 ones, never rename. Each sample gets exactly one code: the first failing check in the order
-the validator runs them (shard structure, identity, then content).
+the validator runs them (shard structure, identity, content, then the pool-wide uid check).
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ class Reason(StrEnum):
     MISSING_CAPTION = "missing_caption"
     INVALID_UTF8 = "invalid_utf8"
     CAPTION_TOO_LONG = "caption_too_long"
+    # Pool-wide, after every per-shard check.
+    CROSS_SHARD_DUPLICATE = "cross_shard_duplicate"
 
 
 REASON_DESCRIPTIONS: dict[Reason, str] = {
@@ -56,7 +58,8 @@ REASON_DESCRIPTIONS: dict[Reason, str] = {
     Reason.UID_CONFLICT: "json and parquet give different uids for the key",
     Reason.DUPLICATE_UID: "uid already taken by an earlier sample of the shard",
     Reason.INVALID_JSON: "KEY.json is not a JSON object",
-    Reason.INVALID_METADATA: "a url or original size in the parquet/json of the wrong type or out of range",
+    Reason.INVALID_METADATA: "a url, status or original size in the parquet/json of the wrong type or out of range",
+    Reason.CROSS_SHARD_DUPLICATE: "uid also accepted by another shard; the shard whose name sorts first keeps it",
     Reason.DECOMPRESSION_BOMB: "declared pixel count above the limit (not decoded)",
     Reason.IMAGE_TOO_LARGE: "an image side above the safety limit (not decoded): resizing it would take gigabytes",
     Reason.UNSUPPORTED_IMAGE_FORMAT: "image decodes to a format outside the allowed set",

@@ -36,7 +36,7 @@ def test_definitions_validate() -> None:
     assert set(PER_SHARD + GLOBAL) <= keys
     checks = {key.name for key in loaded.resolve_asset_graph().asset_check_keys}
     assert {"shard_reconciles", "samples_meet_expectations", "embeddings_meet_expectations",
-            "scores_meet_expectations", "statistics_are_sane", "quarantine_rate_within_bound",
+            "scores_meet_expectations", "statistics_are_sane", "quarantine_rate_within_bound", "uids_kept_once",
             "duplicate_groups_are_consistent"} <= checks
 
 

@@ -7,7 +7,9 @@ import pyarrow.parquet as pq
 
 from curation_platform import storage
 from curation_platform.ingest import ingest_shard, make_executor, write_ingestion
+from curation_platform.layout import ShardOutputs
 from curation_platform.quality import quarantine_suite, validated_samples_suite
+from curation_platform.uid_registry import LanceUidRegistry
 from curation_platform_dagster.defs.quality import check_result
 from curation_platform_dagster.defs.resources import PlatformResource
 
@@ -25,7 +27,8 @@ def validated_samples(context: dg.AssetExecutionContext, platform: PlatformResou
     shard = platform.shard(context.partition_key)
     executor = make_executor(platform.decode_workers)
     try:
-        ingestion = ingest_shard(shard, s3=platform.s3, limits=platform.limits, executor=executor)
+        registry = LanceUidRegistry(ShardOutputs.uid_registry(platform.validated_uri), platform.s3)
+        ingestion = ingest_shard(shard, s3=platform.s3, limits=platform.limits, executor=executor, registry=registry)
     finally:
         if executor is not None:
             executor.shutdown()
@@ -41,6 +44,7 @@ def validated_samples(context: dg.AssetExecutionContext, platform: PlatformResou
             "quarantine_rate": dg.MetadataValue.float(report.quarantine_rate),
             "by_reason": dg.MetadataValue.json(report.by_reason),
             "shard_errors": dg.MetadataValue.json(report.errors),
+            "warnings": dg.MetadataValue.json(report.warnings),
             "seconds": dg.MetadataValue.float(report.seconds),
             "samples_per_second": dg.MetadataValue.float(report.total / max(report.seconds, 1e-9)),
             "samples_path": dg.MetadataValue.path(paths["samples"]),
@@ -100,6 +104,21 @@ def quarantine_rate_within_bound(context: dg.AssetCheckExecutionContext,
         severity=dg.AssetCheckSeverity.WARN,
         metadata={"quarantine_rate": dg.MetadataValue.float(rate), "bound": platform.max_quarantine_rate,
                   "by_reason": dg.MetadataValue.json(report.get("by_reason", {}))},
+    )
+
+
+@dg.asset_check(asset=validated_samples, partitions_def=shard_partitions,
+                description="Each sample is kept by one shard only: a copy of a uid that a shard with an earlier "
+                            "name also holds is quarantined as cross_shard_duplicate. Warns when a later shard "
+                            "kept copies of this shard's samples (re-ingest that shard).")
+def uids_kept_once(context: dg.AssetCheckExecutionContext, platform: PlatformResource) -> dg.AssetCheckResult:
+    report = _report(platform, context.partition_key)
+    displaced = report.get("displaced", {})
+    return dg.AssetCheckResult(
+        passed=not displaced,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={"cross_shard_duplicates": report["by_reason"].get("cross_shard_duplicate", 0),
+                  "later_shards_holding_copies": dg.MetadataValue.json(displaced)},
     )
 
 

@@ -12,8 +12,9 @@ from tqdm import tqdm
 
 from curation_platform.cli.group import main, project_layout, stack
 from curation_platform.ingest import ShardReport, ingest_pool, write_ingestion
-from curation_platform.layout import ProjectLayout
+from curation_platform.layout import ProjectLayout, ShardOutputs
 from curation_platform.pool import ChecksumCache, ShardRef, discover_shards
+from curation_platform.uid_registry import LanceUidRegistry, MemoryUidRegistry
 from curation_platform.validation import ValidationLimits
 
 _limits_options = stack([
@@ -36,10 +37,12 @@ def discover_with_progress(pool_uri: str, layout: ProjectLayout | None) -> list[
 
 
 def _ingest(shards: list[ShardRef], limits: ValidationLimits, workers: int, out_uri: str | None) -> list[ShardReport]:
+    """Ingest in name order; with ``out_uri`` the uid registry persists there, else it lasts for this run."""
     reports = []
     total = sum(shard.tar.size for shard in shards if shard.tar)
+    registry = LanceUidRegistry(ShardOutputs.uid_registry(out_uri)) if out_uri else MemoryUidRegistry()
     with tqdm(total=total, desc="validating", unit="B", unit_scale=True, file=sys.stderr) as bar:
-        for ingestion in ingest_pool(shards, limits=limits, workers=workers):
+        for ingestion in ingest_pool(shards, limits=limits, workers=workers, registry=registry):
             if out_uri:
                 write_ingestion(ingestion, out_uri)
             reports.append(ingestion.report)
@@ -55,6 +58,8 @@ def _print_reports(reports: list[ShardReport]) -> None:
         click.echo(f"{report.shard:<12} {report.total:>8} {report.accepted:>9} {report.quarantined:>9}  {reasons}")
         for error in report.errors:
             click.echo(f"{'':<12} ERROR: {error}")
+        for warning in report.warnings:
+            click.echo(f"{'':<12} warning: {warning}")
     total = sum(report.total for report in reports)
     accepted = sum(report.accepted for report in reports)
     click.echo(f"{'all':<12} {total:>8} {accepted:>9} {total - accepted:>9}  ({len(reports)} shards)")

@@ -75,9 +75,13 @@ def record_batch(uids: list[str], teacher_id: str, shard: str, images: np.ndarra
 
 @dataclass(frozen=True)
 class CommitInfo:
+    """What a shard's commit wrote: ``rows`` in the table afterwards; ``refused`` staged rows whose uid
+    another shard's rows already hold (the table keeps the first shard's row)."""
+
     rows: int
     location: str
     version: int | None = None
+    refused: int = 0
 
 
 class EmbeddingSink(Protocol):
@@ -255,8 +259,9 @@ class LanceSink:
             staged.discard()
 
     def _commit(self, shard: str, teacher_id: str, dim: int, staged: _StagedWriter) -> CommitInfo:
-        version = lance_tables.replace_partition(
-            lambda: self.open_table(dim), PRIMARY_KEY, lance_tables.partition_condition(shard, teacher_id),
-            staged.reader, self.max_attempts,
-        )
-        return CommitInfo(rows=staged.rows, location=f"{self.uri}/{self.table_name}", version=version)
+        condition = lance_tables.partition_condition(shard, teacher_id)
+        version = lance_tables.replace_partition(lambda: self.open_table(dim), PRIMARY_KEY, condition,
+                                                 staged.reader, self.max_attempts)
+        committed = self.open_table(dim).count_rows(condition)
+        return CommitInfo(rows=committed, location=f"{self.uri}/{self.table_name}", version=version,
+                          refused=staged.rows - committed)
