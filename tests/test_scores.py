@@ -98,6 +98,15 @@ def test_neg_clip_loss_with_reference_mates_matches_brute_force(data: dict) -> N
     image_side = logsumexp(np.concatenate([A * u @ rv.T, A * diag[:, None]], axis=1), axis=1)
     text_side = logsumexp(np.concatenate([A * v @ ru.T, A * diag[:, None]], axis=1), axis=1)
     assert np.abs(got - (diag - (image_side + text_side) / (2 * A))).max() < TOL
+    # the fused form reuses the density-ratio / KL pass's log-sum-exps (issue 16)
+    image_stats = scoring.logit_stats(data["image"], data["ref_text"], A, chunk=5)
+    text_stats = scoring.logit_stats(data["text"], data["ref_image"], A, chunk=5)
+    fused = scoring.neg_clip_loss_from_stats(torch.from_numpy(diag), image_stats.logsumexp, text_stats.logsumexp, A)
+    assert np.abs(fused.numpy() - got).max() < 1e-9
+    # with fewer mates than the reference the K repetitions are still drawn, and their seed matters
+    fewer = [scoring.neg_clip_loss(data["image"], data["text"], 1.0, batch_size=4, repeats=3, seed=seed,
+                                   reference=(data["ref_image"], data["ref_text"])) for seed in (0, 1)]
+    assert np.abs(fewer[0] - fewer[1]).max() > 1e-6
 
 
 @pytest.mark.parametrize("chunk", [1, 5, 4096])

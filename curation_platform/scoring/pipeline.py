@@ -208,13 +208,19 @@ def score_rows(embeddings: pa.Table, context: ScoringContext) -> pa.Table:
     a, chunk, params, ref = context.logit_scale, context.params.chunk, context.params, context.reference
     nan = np.full(len(image), np.nan)
     columns: dict[str, Any] = {"clip_score": scores.clip_score(image, text)}
-    columns["neg_clip_loss"] = scores.neg_clip_loss(
-        image, text, a, batch_size=params.neg_clip_batch_size, repeats=params.neg_clip_repeats,
-        seed=params.neg_clip_seed, reference=(ref.image, ref.text), chunk=chunk)
-    # One pass over the reference per direction gives both D_KL, D_KLR and the log ratio (scores.LogitStats).
+    # One pass over the reference per direction gives D_KL, D_KLR, the log ratio (scores.LogitStats)
+    # and, when every negCLIPLoss batch holds the whole reference, negCLIPLoss too.
     image_vs_text = scores.logit_stats(image, ref.text, a, chunk)
     text_vs_image = scores.logit_stats(text, ref.image, a, chunk)
-    diagonal = torch.from_numpy(np.asarray(columns["clip_score"]) * a)
+    clip = torch.from_numpy(np.asarray(columns["clip_score"]))
+    diagonal = clip * a
+    if params.neg_clip_batch_size - 1 >= ref.size:
+        columns["neg_clip_loss"] = scores.neg_clip_loss_from_stats(
+            clip, image_vs_text.logsumexp, text_vs_image.logsumexp, a).numpy()
+    else:
+        columns["neg_clip_loss"] = scores.neg_clip_loss(
+            image, text, a, batch_size=params.neg_clip_batch_size, repeats=params.neg_clip_repeats,
+            seed=params.neg_clip_seed, reference=(ref.image, ref.text), chunk=chunk)
     columns |= {
         "log_ratio_t_given_i": image_vs_text.log_ratio(diagonal).numpy(),
         "log_ratio_i_given_t": text_vs_image.log_ratio(diagonal).numpy(),

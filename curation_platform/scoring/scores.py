@@ -217,7 +217,8 @@ def neg_clip_loss(
     * ``batches``: an explicit (K, n) integer array of batch ids per repetition;
     * ``reference=(ref_image, ref_text)``: sample i's batch is i plus ``batch_size - 1`` pairs
       drawn (seeded, without replacement, per repetition and chunk) from the global reference,
-      which makes scores comparable across shards.
+      which makes scores comparable across shards. When ``batch_size - 1 >= N`` every repetition
+      draws the whole reference, so the K repetitions are one (:func:`neg_clip_loss_from_stats`).
     """
     a = float(scale)
     u = _tensor(image)
@@ -228,6 +229,9 @@ def neg_clip_loss(
     if reference is not None:
         ref_u, ref_v = _tensor(reference[0], u.device), _tensor(reference[1], u.device)
         mates = min(batch_size - 1, ref_u.shape[0])
+        if mates == ref_u.shape[0]:
+            return _like(neg_clip_loss_from_stats(diagonal, _streamed_lse(u, ref_v, a, chunk),
+                                                  _streamed_lse(v, ref_u, a, chunk), a), image)
         generator = torch.Generator().manual_seed(seed)
         for _ in range(repeats):
             for start in _chunks(n, chunk):
@@ -242,6 +246,19 @@ def neg_clip_loss(
             members = torch.nonzero(repetition == batch_id).flatten().to(u.device)
             penalty[members] += _batch_penalty(u[members], v[members], a, chunk)
     return _like(diagonal - penalty / len(assignment), image)
+
+
+def neg_clip_loss_from_stats(clip: torch.Tensor, image_lse: torch.Tensor, text_lse: torch.Tensor,
+                             scale: float) -> torch.Tensor:
+    """negCLIPLoss when each batch is the sample plus the whole reference (``B - 1 >= N``).
+
+    ``image_lse`` / ``text_lse`` are ``logsumexp_j a s(u_i, v_j)`` over the text reference and
+    ``logsumexp_j a s(u_j, v_i)`` over the image reference: the :class:`LogitStats` the density ratio
+    and KL passes compute, so scoring reads each reference similarity matrix once.
+    """
+    self_logit = clip * scale
+    penalty = (torch.logaddexp(image_lse, self_logit) + torch.logaddexp(text_lse, self_logit)) / (2 * scale)
+    return clip - penalty
 
 
 def _batch_assignment(n: int, batch_size: int, repeats: int, seed: int) -> torch.Tensor:
