@@ -194,6 +194,7 @@ class ShardIngester:
         self.in_flight: deque[Future] = deque()
         self.summary = TarReadSummary()
         self.tar_samples = self.ignored_members = self.status_disagreements = 0
+        self.integer_keys = False  # schema drift: img2dataset writes string keys ("000000001")
         self.displaced: dict[str, int] = {}
 
     def run(self) -> ShardIngestion:
@@ -219,10 +220,11 @@ class ShardIngester:
             key = "" if row.get("key") is None else str(row["key"])
             if key in self.by_key or not key:
                 seq = self.rows.seq()
-                detail = "parquet row without key" if not key else "key appears twice in the parquet"
-                self._reject(seq, derive_uid(self.shard.name, f"parquet-row:{seq}:{key}"), key, Reason.DUPLICATE_KEY,
-                             detail, [])
+                reason, detail = ((Reason.MISSING_KEY, "parquet row with a null or empty key") if not key
+                                  else (Reason.DUPLICATE_KEY, "key appears twice in the parquet"))
+                self._reject(seq, derive_uid(self.shard.name, f"parquet-row:{seq}:{key}"), key, reason, detail, [])
                 continue
+            self.integer_keys = self.integer_keys or isinstance(row["key"], int)
             self.by_key[key] = row
 
     def _read_tar(self, has_parquet: bool, parquet_error: str | None) -> None:
@@ -230,13 +232,13 @@ class ShardIngester:
             for item in iter_tar_samples(stream, self.summary, self.limits):
                 seq = self.rows.seq()
                 if isinstance(item, UnsafeEntry):
-                    self._reject(seq, derive_uid(self.shard.name, f"member:{item.name}"), item.name, item.reason,
+                    self._reject(seq, derive_uid(self.shard.name, f"member:{seq}:{item.name}"), item.name, item.reason,
                                  item.detail, [item.name])
                     continue
                 self.tar_samples += 1
                 self.ignored_members += item.ignored_members
-                sample = _identify(item, self.by_key, has_parquet, parquet_error, self.shard, self.seen_keys,
-                                   self.seen_uids)
+                sample = _identify(item, seq, self.by_key, has_parquet, parquet_error, self.shard, self.seen_keys,
+                                   self.seen_uids, self.integer_keys)
                 if isinstance(sample, tuple):
                     reason, detail, uid = sample
                     self._reject(seq, uid, item.key, reason, detail, item.member_names)
@@ -291,8 +293,11 @@ class ShardIngester:
                 continue
             seq = self.rows.seq()
             uid = row.get("uid") if UID_PATTERN.match(str(row.get("uid") or "")) else derive_uid(self.shard.name, key)
-            status = row.get("status") or "success"
-            if status != "success":
+            status = "success" if row.get("status") is None else row["status"]
+            if not isinstance(status, str):
+                self._reject(seq, uid, key, Reason.INVALID_METADATA,
+                             f"status is {type(status).__name__}, expected a string", [])
+            elif status != "success":
                 detail = f"status {status!r}: {row.get('error_message') or 'no error message'}"
                 self._reject(seq, uid, key, Reason.NOT_DOWNLOADED, detail, [])
             else:
@@ -361,17 +366,23 @@ def ingest_shard(shard: ShardRef, *, s3: S3Settings | None = None, limits: Valid
 
 def _identify(
     item: TarSample,
+    seq: int,
     by_key: dict[str, dict[str, Any]],
     has_parquet: bool,
     parquet_error: str | None,
     shard: ShardRef,
     seen_keys: set[str],
     seen_uids: set[str],
+    integer_keys: bool = False,
 ) -> dict[str, Any] | tuple[Reason, str, str]:
-    """Resolve key, parquet row and uid of a tar sample, or say why it is quarantined."""
+    """Resolve key, parquet row and uid of a tar sample, or say why it is quarantined.
+
+    A quarantined repeat gets a uid derived from its stream position ``seq``, unique in the shard.
+    """
     fallback_uid = derive_uid(shard.name, item.key)
+    repeat_uid = derive_uid(shard.name, f"dup:{seq}:{item.key}")
     if item.key in seen_keys:
-        return Reason.DUPLICATE_KEY, "key appeared earlier in the tar", derive_uid(shard.name, f"dup:{item.key}")
+        return Reason.DUPLICATE_KEY, "key appeared earlier in the tar", repeat_uid
     seen_keys.add(item.key)
     row = by_key.get(item.key)
     if item.problem:
@@ -380,7 +391,8 @@ def _identify(
     if parquet_error:
         return Reason.MISSING_PARQUET_ROW, parquet_error, fallback_uid
     if has_parquet and row is None:
-        return Reason.MISSING_PARQUET_ROW, "no parquet row for this key", fallback_uid
+        note = " (the parquet's keys are integers: a key with leading zeros cannot match)" if integer_keys else ""
+        return Reason.MISSING_PARQUET_ROW, "no parquet row for this key" + note, fallback_uid
 
     meta: dict[str, Any] = {}
     if "json" in item.payloads:
@@ -399,7 +411,7 @@ def _identify(
         return Reason.UID_CONFLICT, f"json uid {candidates['json']} != parquet uid {candidates['parquet']}", fallback_uid
     uid = next(iter(candidates.values()), fallback_uid)
     if uid in seen_uids:
-        return Reason.DUPLICATE_UID, f"uid {uid} already used in this shard", derive_uid(shard.name, f"dup:{item.key}")
+        return Reason.DUPLICATE_UID, f"uid {uid} already used in this shard", repeat_uid
     seen_uids.add(uid)
 
     source = row or meta

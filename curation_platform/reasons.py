@@ -24,6 +24,7 @@ class Reason(StrEnum):
     TRUNCATED_SHARD = "truncated_shard"
     # Identity.
     DUPLICATE_KEY = "duplicate_key"
+    MISSING_KEY = "missing_key"
     INVALID_UID = "invalid_uid"
     UID_CONFLICT = "uid_conflict"
     DUPLICATE_UID = "duplicate_uid"
@@ -54,6 +55,7 @@ REASON_DESCRIPTIONS: dict[Reason, str] = {
     Reason.MALFORMED_MEMBER_NAME: "member name has no KEY.EXT form",
     Reason.TRUNCATED_SHARD: "the tar ended or broke while this sample was being read",
     Reason.DUPLICATE_KEY: "a key seen earlier in the shard appears again",
+    Reason.MISSING_KEY: "parquet row whose key is null or empty",
     Reason.INVALID_UID: "uid in json/parquet is not 32 hexadecimal digits",
     Reason.UID_CONFLICT: "json and parquet give different uids for the key",
     Reason.DUPLICATE_UID: "uid already taken by an earlier sample of the shard",

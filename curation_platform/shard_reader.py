@@ -65,10 +65,18 @@ BLOCK = tarfile.BLOCKSIZE
 
 
 class _HashingReader:
-    """File-like wrapper hashing every byte ``tarfile`` pulls through it."""
+    """File-like wrapper hashing every byte ``tarfile`` pulls through it.
+
+    Reading on after the stream has reported its end several times raises ``EOFError``: ``tarfile``
+    skips an unread member block by block even past the end of the file, so a 10 KiB tar whose header
+    claims a terabyte would otherwise keep it busy for minutes (it reads the end twice itself).
+    """
+
+    READS_AFTER_END = 8
 
     def __init__(self, raw: BinaryIO) -> None:
         self._raw = raw
+        self._reads_after_end = 0
         self.digest = hashlib.sha256()
         self.bytes_read = 0
         self.tail = b""
@@ -91,6 +99,10 @@ class _HashingReader:
                 data += self._raw.read()
         else:
             data = self._raw.read(size)
+        if not data and size != 0:
+            self._reads_after_end += 1
+            if self._reads_after_end > self.READS_AFTER_END:
+                raise EOFError(f"the tar ends at byte {self.bytes_read:,}, inside a member its header declared")
         self.digest.update(data)
         self.bytes_read += len(data)
         self.tail = (self.tail + data[-BLOCK:])[-BLOCK:]

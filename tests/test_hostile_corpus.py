@@ -43,9 +43,8 @@ def test_hostile_case(hostile: HostileCase, tmp_path: Path, monkeypatch: pytest.
     # accounting: every sample, row and hostile member the shard mentions is exactly one record
     assert report.accepted + report.quarantined == report.total
     assert report.quarantined == ingestion.quarantine.num_rows == sum(report.by_reason.values())
-    if hostile.uids_unique:
-        uids = ingestion.accepted.column("uid").to_pylist() + ingestion.quarantine.column("uid").to_pylist()
-        assert len(set(uids)) == len(uids) == report.total
+    uids = ingestion.accepted.column("uid").to_pylist() + ingestion.quarantine.column("uid").to_pylist()
+    assert len(set(uids)) == len(uids) == report.total
     assert set(tmp_path.rglob("*")) == before, "ingest_shard wrote or extracted a file"
 
 

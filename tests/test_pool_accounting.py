@@ -73,14 +73,14 @@ def test_cli_ingest_quarantines_the_second_copy(tmp_path: Path) -> None:
 
 def test_an_unexpected_error_in_one_shard_does_not_stop_the_pool(tmp_path: Path, monkeypatch) -> None:
     pool = _two_shards_sharing_a_uid(tmp_path)
-    original = ingest._identify
+    original = ingest.check_content
 
-    def broken(item, by_key, has_parquet, parquet_error, shard, *rest):
-        if shard.name == "00000":
+    def broken(image, caption, limits):
+        if caption == b"a red circle":  # a sample of shard 00000
             raise RuntimeError("a reader bug")
-        return original(item, by_key, has_parquet, parquet_error, shard, *rest)
+        return original(image, caption, limits)
 
-    monkeypatch.setattr(ingest, "_identify", broken)
+    monkeypatch.setattr(ingest, "check_content", broken)
     results = _by_shard(pool, MemoryUidRegistry())
     failed = results["00000"].report
     assert failed.errors == ["ingestion failed: RuntimeError: a reader bug"] and failed.total == 0

@@ -46,9 +46,6 @@ class HostileCase:
     shard_error: str | None = None  # substring of one of report.errors; None: report.errors must be empty
     about: str = ""
     max_seconds: float = 30.0  # ingest_shard must return within this (a bounded-work guarantee, not a benchmark)
-    # False: today two quarantine rows of this shard share a uid (a known gap, reported; uniqueness is then not
-    # asserted, so fixing it fails nothing). True: accepted and quarantined uids are all distinct.
-    uids_unique: bool = True
 
     def __post_init__(self) -> None:
         unknown = set(self.reasons) - {reason.value for reason in Reason}
@@ -299,8 +296,7 @@ def _unsafe_member_paths(pool: Path) -> None:
 
 
 @case("repeated_hostile_member_names", accepted=1,
-      reasons={Reason.UNSAFE_MEMBER_PATH: 2, Reason.MALFORMED_MEMBER_NAME: 2},
-      uids_unique=False)  # both copies of a name get uid derive_uid(shard, "member:NAME")
+      reasons={Reason.UNSAFE_MEMBER_PATH: 2, Reason.MALFORMED_MEMBER_NAME: 2})
 def _repeated_hostile_names(pool: Path) -> None:
     """the same unsafe name twice and the same malformed name twice: each copy is its own quarantine row"""
     builder = _good(ShardBuilder())
@@ -357,11 +353,21 @@ def _directories(pool: Path) -> None:
     builder.special("sub", tarfile.DIRTYPE).sample("sub/000000002", "a good sample in a sub folder").write(pool)
 
 
-@case("member_claims_8_gib", accepted=1, reasons={Reason.OVERSIZE_MEMBER: 1}, shard_error="unexpected end of data")
+@case("member_claims_8_gib", accepted=1, reasons={Reason.OVERSIZE_MEMBER: 1},
+      shard_error="inside a member its header declared", max_seconds=5)
 def _member_claims_8_gib(pool: Path) -> None:
     """a header claiming an 8 GiB image with no data behind it: skipped unread, the tar's end reported"""
     builder = _good(ShardBuilder()).file("000000002.txt", b"a huge image").row("000000002")
     builder.members.append(_info("000000002.jpg", 8 << 30))
+    builder.write(pool)
+
+
+@case("ignored_member_claims_8_tib", accepted=1, reasons={Reason.TRUNCATED_SHARD: 1}, shard_error="inside a member its header declared",
+      max_seconds=5)
+def _ignored_member_claims_8_tib(pool: Path) -> None:
+    """a member of an ignored extension claiming 8 TiB (the GNU size field allows it) from a 10 KiB tar"""
+    builder = _good(ShardBuilder())
+    builder.members.append(_info("000000002.bin", 8 << 40))
     builder.write(pool)
 
 
@@ -420,14 +426,19 @@ def _not_downloaded(pool: Path) -> None:
     _good(ShardBuilder()).row("000000002", status="failed_to_download").write(pool)
 
 
-@case("parquet_status_int64", accepted=0, reasons={Reason.MISSING_MEMBER: 1, Reason.NOT_DOWNLOADED: 1})
+@case("parquet_status_int64", accepted=0, reasons={Reason.INVALID_METADATA: 3})
 def _parquet_status_int64(pool: Path) -> None:
-    """status as an int64 column, rows without members: today 0 counts as success (missing_member) and 1 as
-    not downloaded; rows with members and such a status are left out while status handling changes"""
-    # outcome pinned as of today
-    ShardBuilder().write(pool)
-    _write_parquet(pool, [{"key": "000000001", "status": 0}, {"key": "000000002", "status": 1}],
-                   [("key", pa.string()), ("status", pa.int64())])
+    """status as an int64 column: 0 and 1 without members and 0 with members are all invalid_metadata
+    (an int status is neither success nor a failure)"""
+    ShardBuilder().sample("000000003", "a red circle", row=False).write(pool)
+    _write_parquet(pool, [{"key": "000000001", "status": 0}, {"key": "000000002", "status": 1},
+                          {"key": "000000003", "status": 0}], [("key", pa.string()), ("status", pa.int64())])
+
+
+@case("failed_status_with_members_present", accepted=2, reasons={})
+def _failed_status_with_members(pool: Path) -> None:
+    """status failed_to_download although the tar holds the sample: the tar wins, the report warns"""
+    _good(ShardBuilder()).sample("000000002", "present anyway", status="failed_to_download").write(pool)
 
 
 @case("parquet_unreadable", accepted=0, reasons={Reason.MISSING_PARQUET_ROW: 2}, shard_error="parquet unreadable")
@@ -457,14 +468,16 @@ def _parquet_key_zero(pool: Path) -> None:
 @case("parquet_key_int64_loses_leading_zeros", accepted=0,
       reasons={Reason.MISSING_PARQUET_ROW: 1, Reason.MISSING_MEMBER: 1})
 def _parquet_key_leading_zeros(pool: Path) -> None:
-    """an int64 parquet key 1 does not join the tar key 000000001: both halves quarantined (pinned as of today)"""
+    """an int64 parquet key 1 does not join the tar key 000000001: both halves quarantined, the tar half's
+    detail saying that the parquet's keys are integers"""
     ShardBuilder().sample("000000001", "a red circle", row=False).write(pool)
     _write_parquet(pool, [{"key": 1, "status": "success"}], [("key", pa.int64()), ("status", pa.string())])
 
 
-@case("parquet_duplicate_and_keyless_rows", accepted=1, reasons={Reason.DUPLICATE_KEY: 3})
+@case("parquet_duplicate_and_keyless_rows", accepted=1, reasons={Reason.DUPLICATE_KEY: 1, Reason.MISSING_KEY: 2})
 def _parquet_duplicate_rows(pool: Path) -> None:
-    """a parquet key twice, a null key and an empty key: each extra row duplicate_key, the sample accepted"""
+    """a parquet key twice, a null key and an empty key: the repeat duplicate_key, the keyless rows missing_key,
+    the sample accepted"""
     builder = _good(ShardBuilder()).row("000000001").row("")
     builder.rows.append({**builder.rows[0], "key": None})
     builder.write(pool)
@@ -479,8 +492,7 @@ def _duplicate_key(pool: Path) -> None:
     _good(_good(ShardBuilder(), "000000001"), "000000002").file("000000001.txt", b"key 1 again").write(pool)
 
 
-@case("duplicate_key_three_times", accepted=3, reasons={Reason.DUPLICATE_KEY: 2},
-      uids_unique=False)  # both repeats get uid derive_uid(shard, "dup:KEY")
+@case("duplicate_key_three_times", accepted=3, reasons={Reason.DUPLICATE_KEY: 2})
 def _duplicate_key_three_times(pool: Path) -> None:
     """the same key in three separate runs of members"""
     builder = _good(_good(ShardBuilder(), "000000001"), "000000002").file("000000001.txt", b"again")
