@@ -11,13 +11,18 @@ A teacher is an open_clip architecture plus weights from one of three sources:
 
 ``teacher_id`` fingerprints everything that changes an embedding (model config, weights sha256,
 preprocessing, tokenizer, logit scale and bias), so embeddings of different teachers never mix.
+Whatever is wrong with a teacher's files, loading it fails with one :class:`TeacherLoadError` line
+naming the file and the problem.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +36,13 @@ from curation_platform.storage import S3Settings
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
 FINGERPRINT_VERSION = 1
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest")  # the resampling filters embedding/loader.py applies
 _CACHE_DIR = Path.home() / ".cache" / "curation_platform" / "checkpoints"
+_MAX_SAFETENSORS_HEADER = 100_000_000  # safetensors' own limit on its JSON header
+
+
+class TeacherLoadError(ValueError):
+    """A teacher that cannot be loaded, in one line: ``<file>: <problem>``."""
 
 
 @dataclass(frozen=True)
@@ -80,14 +91,15 @@ class Preprocessing:
         resize_mode = cfg.get("resize_mode", "shortest")
         if resize_mode not in ("shortest", "squash"):
             raise ValueError(f"resize_mode {resize_mode!r} is not supported (shortest, squash)")
-        return cls(
-            size=int(size),
-            mean=tuple(float(v) for v in cfg.get("mean", (0.48145466, 0.4578275, 0.40821073))),
-            std=tuple(float(v) for v in cfg.get("std", (0.26862954, 0.26130258, 0.27577711))),
-            interpolation=str(cfg.get("interpolation", "bicubic")),
-            resize_mode=resize_mode,
-            jpeg_draft=jpeg_draft,
-        )
+        interpolation = cfg.get("interpolation", "bicubic")
+        if interpolation not in INTERPOLATIONS:  # else the embedding loader fails on every image
+            raise ValueError(f"interpolation {interpolation!r} is not supported ({', '.join(INTERPOLATIONS)})")
+        mean = tuple(float(v) for v in cfg.get("mean", (0.48145466, 0.4578275, 0.40821073)))
+        std = tuple(float(v) for v in cfg.get("std", (0.26862954, 0.26130258, 0.27577711)))
+        if len(mean) != 3 or len(std) != 3:
+            raise ValueError(f"mean {list(mean)} and std {list(std)} need one value per RGB channel")
+        return cls(size=int(size), mean=mean, std=std, interpolation=interpolation, resize_mode=resize_mode,
+                   jpeg_draft=jpeg_draft)
 
 
 @dataclass
@@ -218,11 +230,11 @@ def _localise(uri: str, s3: S3Settings | None) -> Path:
     if not storage.is_s3(uri):
         path = Path(uri).expanduser()
         if not path.exists():
-            raise FileNotFoundError(f"teacher checkpoint not found: {uri}")
+            raise TeacherLoadError(f"{uri}: not found")
         return path
     entry = storage.file_entry(uri, s3)
     if entry is None:
-        raise FileNotFoundError(f"teacher checkpoint not found: {uri}")
+        raise TeacherLoadError(f"{uri}: not found")
     parent, name = uri.rsplit("/", 1)
     cached = _CACHE_DIR / hashlib.sha256(parent.encode()).hexdigest()[:24] / name  # siblings stay together
     if not cached.exists() or cached.stat().st_size != entry.size:
@@ -232,33 +244,139 @@ def _localise(uri: str, s3: S3Settings | None) -> Path:
 
 def load_teacher(spec: TeacherSpec, device: str | torch.device = "cpu", s3: S3Settings | None = None,
                  jpeg_draft: bool = True) -> Teacher:
-    """Build the open_clip model for ``spec`` and load its weights safely (no pickled code)."""
+    """Build the open_clip model for ``spec`` and load its weights safely (no pickled code); each stage
+    turns what goes wrong into one :class:`TeacherLoadError` naming the file."""
     import open_clip
 
     if spec.pretrained:
-        model = open_clip.create_model(spec.architecture, pretrained=spec.pretrained, device="cpu")
-        tokenizer = open_clip.get_tokenizer(spec.architecture)
-        model_config = open_clip.get_model_config(spec.architecture)
-        weights_sha256 = _pretrained_sha256(spec)
-    elif spec.is_directory:
-        config_path = _localise(storage.join(spec.checkpoint, CONFIG_FILE), s3)
-        weights_path = _localise(storage.join(spec.checkpoint, WEIGHTS_FILE), s3)
-        model = open_clip.create_model(f"local-dir:{config_path.parent}", device="cpu")
-        tokenizer = open_clip.get_tokenizer(f"local-dir:{config_path.parent}")
-        model_config = json.loads(config_path.read_text())["model_cfg"]
-        weights_sha256 = file_sha256(weights_path)
+        source, name = spec.describe(), spec.architecture
+        with _stage(source, "open_clip cannot provide it"):
+            model = open_clip.create_model(name, pretrained=spec.pretrained, device="cpu")
+            weights_sha256 = _pretrained_sha256(spec)
+        model_config = open_clip.get_model_config(name)
     else:
-        if not spec.architecture:
-            raise ValueError(f"checkpoint file {spec.checkpoint!r} needs an architecture (e.g. ViT-B-32)")
-        weights_path = _localise(spec.checkpoint, s3)
-        model = open_clip.create_model(spec.architecture, pretrained=None, device="cpu")
-        open_clip.load_checkpoint(model, str(weights_path), weights_only=True)
-        tokenizer = open_clip.get_tokenizer(spec.architecture)
-        model_config = open_clip.get_model_config(spec.architecture)
+        if spec.is_directory:
+            source = storage.join(spec.checkpoint, CONFIG_FILE)
+            weights_uri = storage.join(spec.checkpoint, WEIGHTS_FILE)
+            config_path = _localise(source, s3)
+            model_config, name = _read_config(config_path, source), f"local-dir:{config_path.parent}"
+        else:
+            source = weights_uri = spec.checkpoint
+            if not spec.architecture:
+                raise TeacherLoadError(f"{source}: a checkpoint file needs an architecture (e.g. ViT-B-32)")
+            model_config, name = open_clip.get_model_config(spec.architecture), spec.architecture
+            if model_config is None:
+                raise TeacherLoadError(f"{source}: {spec.architecture!r} is not an open_clip architecture")
+        weights_path = _localise(weights_uri, s3)
+        with _stage(weights_uri, "cannot load the weights"):
+            _check_weights(weights_path, weights_uri)
+        pretrained = None if spec.is_directory else str(weights_path)  # a local-dir model loads its own weights
+        with _stage(source, "open_clip cannot build the model"), _fitting(weights_uri):
+            model = open_clip.create_model(name, pretrained=pretrained, device="cpu")
         weights_sha256 = file_sha256(weights_path)
-    preprocessing = Preprocessing.from_open_clip(open_clip.get_model_preprocess_cfg(model), jpeg_draft)
+    with _stage(source, "cannot build its tokenizer"):
+        tokenizer = open_clip.get_tokenizer(name)
+    with _stage(source, "unsupported preprocessing"):
+        preprocessing = Preprocessing.from_open_clip(open_clip.get_model_preprocess_cfg(model), jpeg_draft)
     teacher = Teacher(spec, model, tokenizer, preprocessing, dict(model_config), weights_sha256)
     return teacher.to(device)
+
+
+@contextmanager
+def _stage(subject: str, problem: str) -> Iterator[None]:
+    """One loading stage: whatever it raises becomes ``subject: problem (reason)``, one line, no traceback."""
+    try:
+        yield
+    except TeacherLoadError:
+        raise
+    except Exception as error:  # open_clip, torch, safetensors and json raise many types; each is a bad teacher
+        raise TeacherLoadError(f"{subject}: {problem} ({_reason(error)})") from error
+
+
+def _reason(error: Exception) -> str:
+    """The first line of ``error``'s message, after its type unless a ValueError's message says it all."""
+    lines = str(error).strip().splitlines()
+    if lines and isinstance(error, ValueError):
+        return lines[0]
+    return ": ".join([type(error).__name__, *lines[:1]])
+
+
+def _read_config(path: Path, uri: str) -> dict[str, Any]:
+    """``model_cfg`` of a teacher directory's config, checked before open_clip reads it."""
+    with _stage(uri, "not a JSON file"):
+        config = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(config, dict) or not isinstance(config.get("model_cfg"), dict):
+        raise TeacherLoadError(f"{uri}: not an open_clip config (a JSON object with a `model_cfg` object)")
+    if not isinstance(config.get("preprocess_cfg", {}), dict):
+        raise TeacherLoadError(f"{uri}: `preprocess_cfg` is not a JSON object")
+    return config["model_cfg"]
+
+
+def _check_weights(path: Path, uri: str) -> None:
+    """Read the weights file before open_clip does, so what it then meets is a readable set of tensors: a
+    safetensors file whose header fits the file, or a torch pickle of a state dict under ``weights_only=True``
+    (open_clip retries a TypeError without weights_only, and torch < 2.6 would then run the pickle)."""
+    if path.suffix == ".safetensors":
+        _check_safetensors(path, uri)
+        return
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise TeacherLoadError(f"{uri}: refused: the pickle holds code, objects or opcodes that weights_only "
+                               "loading does not allow (give a safetensors file or a plain state dict)") from error
+    if not isinstance(state, dict) or not state:
+        held = "an empty dict" if isinstance(state, dict) else f"a {type(state).__name__}"
+        raise TeacherLoadError(f"{uri}: holds {held}, not a state dict of tensors")
+
+
+def _check_safetensors(path: Path, uri: str) -> None:
+    """The header's declared length and the tensors' extent against the file's size before safetensors reads
+    anything (a forged length allocates nothing, a truncated copy says so), then safetensors' own header check."""
+    from safetensors import safe_open
+
+    size = path.stat().st_size
+    if size < 8:
+        raise TeacherLoadError(f"{uri}: not a safetensors file ({size} bytes, too short for a header)")
+    with open(path, "rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        if length > min(size - 8, _MAX_SAFETENSORS_HEADER):
+            raise TeacherLoadError(f"{uri}: not a safetensors file (it declares a {length}-byte header, "
+                                   f"the file has {size} bytes)")
+        header = handle.read(length)
+    with _stage(uri, "not a safetensors file: malformed header"):
+        tensors = [entry for key, entry in json.loads(header).items() if key != "__metadata__"]
+        end = max((int(entry["data_offsets"][1]) for entry in tensors), default=0)
+    if not tensors:
+        raise TeacherLoadError(f"{uri}: holds no tensors")
+    if end > size - 8 - length:
+        raise TeacherLoadError(f"{uri}: truncated: its tensors need {end} bytes of data, the file has "
+                               f"{size - 8 - length}")
+    with safe_open(path, framework="pt"):  # safetensors' own validation of the header, reading no tensor
+        pass
+
+
+@contextmanager
+def _fitting(uri: str) -> Iterator[None]:
+    """torch's strict ``load_state_dict`` error (a line per kind of misfit) as one line naming a few tensors."""
+    try:
+        yield
+    except RuntimeError as error:
+        lines = [line.strip() for line in str(error).splitlines()]
+        if not lines or not lines[0].startswith("Error(s) in loading state_dict"):
+            raise
+        misfits: dict[str, list[str]] = {"missing": [], "unexpected": [], "size mismatch for": []}
+        for line in lines[1:]:
+            if line.startswith(("Missing key(s)", "Unexpected key(s)")):
+                misfits[line.split()[0].lower()] += re.findall(r'"([^"]+)"', line)
+            elif line.startswith("size mismatch for "):
+                misfits["size mismatch for"].append(line.split()[3].rstrip(":"))
+        found = "; ".join(f"{kind} {_some(names)}" for kind, names in misfits.items() if names)
+        raise TeacherLoadError(f"{uri}: weights do not fit the architecture: {found or lines[-1]}") from error
+
+
+def _some(names: list[str]) -> str:
+    """Up to two of ``names`` and how many more: enough to find the misfit, short enough for one line."""
+    return ", ".join(names[:2]) + (f" and {len(names) - 2} more" if len(names) > 2 else "")
 
 
 def _pretrained_sha256(spec: TeacherSpec) -> str:

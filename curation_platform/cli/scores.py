@@ -10,16 +10,15 @@ import click
 from tqdm import tqdm
 
 from curation_platform.cli.group import main, stack
-from curation_platform.cli.teachers import teacher_options, teacher_spec
+from curation_platform.cli.teachers import load_cli_teacher, teacher_options, teacher_spec
 
 
 def _score(lance_uri: str, spec, target_uri: str | None, params, analysis_dir: Path | None,
            validated_uri: str | None = None) -> None:
     from curation_platform.embedding.engine import EmbedConfig
     from curation_platform.scoring.run import build_context, embed_target, score_pool
-    from curation_platform.teachers import load_teacher
 
-    teacher = load_teacher(spec)
+    teacher = load_cli_teacher(spec)
     target = embed_target(teacher, target_uri, EmbedConfig()) if target_uri else None
     context = build_context(teacher, lance_uri, params, target)
     described = context.describe()

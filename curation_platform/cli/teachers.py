@@ -31,26 +31,40 @@ def teacher_spec(teacher_checkpoint: str | None, arch: str | None, pretrained: s
         raise click.UsageError(str(error)) from error
 
 
+def load_cli_teacher(spec, device="cpu"):
+    """``load_teacher``, a bad teacher file shown as click's one line ``Error: <file>: <problem>`` (status 1)."""
+    from curation_platform.teachers import TeacherLoadError, load_teacher
+
+    try:
+        return load_teacher(spec, device=device)
+    except TeacherLoadError as error:
+        raise click.ClickException(str(error)) from error
+
+
 def _embed(pool_uri: str, validated_uri: str, lance_uri: str, table: str, spec, device: str, batch_size: int,
            workers: int, layout: ProjectLayout | None) -> None:
     from curation_platform.embedding.engine import EmbedConfig, embed_shards
     from curation_platform.embedding.sinks import LanceSink
     from curation_platform.ingest import read_accepted
-    from curation_platform.teachers import load_teacher
 
     config = EmbedConfig(device=device, batch_size=batch_size, workers=workers)
-    teacher = load_teacher(spec, device=config.resolved_device())
+    teacher = load_cli_teacher(spec, device=config.resolved_device())
     click.echo(f"teacher {teacher.teacher_id}: {teacher.spec.describe()}, a = {teacher.logit_scale:.1f}")
     sink = LanceSink(lance_uri, table=table)
     jobs = [(shard, read_accepted(validated_uri, shard)) for shard in discover_with_progress(pool_uri, layout)]
     started = time.perf_counter()
     with tqdm(total=sum(samples.num_rows for _, samples in jobs), desc="embedding", unit="pair",
               file=sys.stderr) as bar:
-        embed_shards(teacher, jobs, sink, config, on_shard=lambda report: bar.update(report.rows))
-    rows = sum(samples.num_rows for _, samples in jobs)
+        reports = embed_shards(teacher, jobs, sink, config, on_shard=lambda report: bar.update(report.rows))
+    rows = sum(report.commit.rows for report in reports)
     seconds = time.perf_counter() - started
     click.echo(f"embedded {rows} pairs of {len(jobs)} shards into {lance_uri}/{table} in {seconds:.1f} s "
                f"({rows / max(seconds, 1e-9):.0f} pairs/s on {config.resolved_device()})")
+    refused = {report.shard: report.commit.refused for report in reports if report.commit.refused}
+    if refused:
+        shards = ", ".join(f"{shard} ({count})" for shard, count in refused.items())
+        raise click.ClickException(f"pairs not written, their uids are already another shard's rows: {shards}; "
+                                   "re-run `ingest`, which quarantines them as cross_shard_duplicate")
 
 
 @main.command()
