@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import hashlib
 import json
 import os
 import platform
@@ -81,22 +80,41 @@ def _child(mode: str, recipe: str, folder: str, workers: int) -> dict:
     from curation_platform.selection import run_selection
 
     paths = sorted(str(path) for path in Path(folder).glob("*.parquet"))
+    digest = _UidDigest()
     started = time.perf_counter()
     if mode == "partitioned":
         partitions = [ParquetPartition(path) for path in paths]
         with ProcessPoolExecutor(workers, mp_context=worker_context()) as executor:
-            result = select_partitioned(partitions, _policies(recipe), executor=executor)
+            result = select_partitioned(partitions, _policies(recipe), executor=executor,
+                                        on_selected=lambda _, uids: digest.add(uids))
     else:
         result = run_selection(pl.scan_parquet(paths).collect(), _policies(recipe))
+        digest.add(result.uids)
     seconds = time.perf_counter() - started
-    digest = hashlib.sha256()
-    for chunk in result.uids.cast("string").to_pylist():
-        digest.update(chunk.encode())
-    return {"seconds": round(seconds, 1), "selected": len(result.uids), "uids_sha256": digest.hexdigest(),
+    return {"seconds": round(seconds, 1), "selected": digest.count, "uids_digest": digest.hexdigest(),
             "coordinator_peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             "worker_peak_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
             if mode == "partitioned" else None,
             "funnel": [stage._asdict() for stage in result.funnel]}
+
+
+class _UidDigest:
+    """An order-free digest of a uid set (XOR of 64-bit hashes, uids being unique) and its size, so the
+    partitioned run never gathers its selection to be compared."""
+
+    def __init__(self) -> None:
+        self.value, self.count = 0, 0
+
+    def add(self, uids) -> None:
+        import numpy as np
+        import polars as pl
+
+        hashes = pl.Series(uids.cast("large_string")).hash(seed=7).to_numpy()
+        self.value ^= int(np.bitwise_xor.reduce(hashes)) if len(hashes) else 0
+        self.count += len(hashes)
+
+    def hexdigest(self) -> str:
+        return f"{self.value:016x}-{self.count}"
 
 
 class ParquetPartition:
@@ -147,7 +165,7 @@ def main() -> None:
                 print(f"  {recipe} {mode}: {run[mode]['seconds']} s, coordinator {run[mode]['coordinator_peak_mb']} "
                       f"MB, workers {run[mode]['worker_peak_mb']} MB", file=sys.stderr)
             if "single" in run:
-                run["identical"] = run["single"]["uids_sha256"] == run["partitioned"]["uids_sha256"] and \
+                run["identical"] = run["single"]["uids_digest"] == run["partitioned"]["uids_digest"] and \
                     run["single"]["funnel"] == run["partitioned"]["funnel"]
             run["us_per_row"] = round(run["partitioned"]["seconds"] / rows * 1e6, 2)
             results["runs"].append(run)

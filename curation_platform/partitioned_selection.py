@@ -22,7 +22,7 @@ runs on the prefix's survivors.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -94,10 +94,15 @@ def split_partitionable(policies: Policy | Iterable[Policy]) -> tuple[list[Polic
 
 def select_partitioned(partitions: Sequence[Partition], policies: Policy | Iterable[Policy],
                        pool_size: int | None = None, *, executor: Executor | None = None,
-                       sketch_size: int = DEFAULT_SKETCH_SIZE,
-                       bracket_limit: int = DEFAULT_BRACKET_LIMIT) -> SelectionResult:
+                       sketch_size: int = DEFAULT_SKETCH_SIZE, bracket_limit: int = DEFAULT_BRACKET_LIMIT,
+                       on_selected: Callable[[int, pa.Array], None] | None = None) -> SelectionResult:
     """``run_selection`` over ``partitions`` (every stage must be partitionable, see
-    :func:`split_partitionable`); ``executor`` runs the per-partition passes (None: in this process)."""
+    :func:`split_partitionable`); ``executor`` runs the per-partition passes (None: in this process).
+
+    With ``on_selected``, each partition's selected uids (ascending) are handed to it with the
+    partition's index as they arrive, and the result's ``uids`` stays empty: the coordinator never
+    holds the selection, only one partition's share of it.
+    """
     prefix, rest = split_partitionable(policies)
     if rest:
         raise ValueError(f"stage {label(rest[0].describe())} is global: run it on the partitionable prefix's rows")
@@ -106,10 +111,15 @@ def select_partitioned(partitions: Sequence[Partition], policies: Policy | Itera
     resolved: list[Policy | Cut] = []
     for stage in prefix:
         resolved.append(run.cut(resolved, stage, pool_size) if isinstance(stage, TopFraction) else stage)
-    results = run.map(_apply, resolved)
-    counts = np.sum([counts for counts, _ in results], axis=0).tolist() if results else [0] * len(prefix)
-    uids = pa.chunked_array([uids for _, uids in results], pa.large_string()).combine_chunks() if results \
-        else pa.array([], pa.large_string())
+    counts = np.zeros(len(prefix), dtype=np.int64)
+    gathered = []
+    for index, (partition_counts, selected) in enumerate(run.map(_apply, resolved)):
+        counts += partition_counts
+        if on_selected is None:
+            gathered.append(selected)
+        else:
+            on_selected(index, selected.take(pc.sort_indices(selected)))
+    uids = pa.chunked_array(gathered, pa.large_string()).combine_chunks()
     uids = uids.take(pc.sort_indices(uids))
     funnel = [FunnelStage("pool", pool_size)]
     funnel += [FunnelStage(label(stage.describe()), int(count)) for stage, count in zip(prefix, counts, strict=True)]
@@ -124,17 +134,18 @@ class _Runner:
         self.partitions, self.executor = partitions, executor
         self.sketch_size, self.bracket_limit = sketch_size, bracket_limit
 
-    def map(self, function: Callable, resolved: list, *extra: Any) -> list:
+    def map(self, function: Callable, resolved: list, *extra: Any) -> Iterator:
+        """``function(partition, resolved, *extra)`` per partition, results in partition order as they come."""
         arguments = [(partition, resolved, *extra) for partition in self.partitions]
         if self.executor is None:
-            return [function(*item) for item in arguments]
-        return list(self.executor.map(function, *zip(*arguments, strict=True)))
+            return (function(*item) for item in arguments)
+        return self.executor.map(function, *zip(*arguments, strict=True))
 
     def cut(self, resolved: list[Policy | Cut], stage: TopFraction, pool_size: int) -> Cut:
         """The exact cut of ``stage`` over the rows that survive ``resolved``."""
         bracket, fetch_all = _Bracket(), False
         while True:
-            summaries = self.map(_summarise, resolved, stage, bracket, self.sketch_size, fetch_all)
+            summaries = list(self.map(_summarise, resolved, stage, bracket, self.sketch_size, fetch_all))
             entering = sum(summary["entering"] for summary in summaries)
             keep = target_count(stage.fraction, entering if stage.of == "current" else pool_size)
             below = sum(summary["below"] for summary in summaries)

@@ -103,3 +103,13 @@ def test_global_stages_are_split_off() -> None:
     assert len(prefix) == 7 and isinstance(rest[0], RankSum) and len(rest) == 2
     with pytest.raises(ValueError, match="is global"):
         select_partitioned([FramePartition(_pool(10, 0))], [Dedup("clip_score")])
+
+
+def test_on_selected_streams_each_partitions_share() -> None:
+    frame = _pool(800, seed=9)
+    stages = RECIPES["basic-then-top"]
+    shares: dict[int, list[str]] = {}
+    result = select_partitioned(_partitions(frame, 10), stages, sketch_size=4, bracket_limit=64,
+                                on_selected=lambda index, uids: shares.setdefault(index, uids.to_pylist()))
+    assert len(result.uids) == 0 and all(share == sorted(share) for share in shares.values())
+    assert sorted(uid for share in shares.values() for uid in share) == run_selection(frame, stages).uids.to_pylist()
