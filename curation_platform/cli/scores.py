@@ -35,6 +35,25 @@ def _score(lance_uri: str, spec, target_uri: str | None, params, analysis_dir: P
         _analyse(lance_uri, teacher.teacher_id, analysis_dir, validated_uri)
 
 
+def _add_prompts(lance_uri: str, spec, prompts: tuple[str, ...], importance_scale: float) -> str:
+    """Only the prompts' importance weight columns, added to the scored pool (no reference, no rescoring)."""
+    from curation_platform.scoring.pipeline import PromptColumnError
+    from curation_platform.scoring.run import add_prompt_columns
+
+    teacher = load_cli_teacher(spec)  # loaded once, to embed the prompt texts
+    started = time.perf_counter()
+    try:
+        with tqdm(desc="adding prompts", unit="shard", file=sys.stderr) as bar:
+            added = add_prompt_columns(lance_uri, teacher, list(prompts), importance_scale=importance_scale,
+                                       on_shard=lambda _: bar.update())
+    except (FileNotFoundError, PromptColumnError) as error:
+        raise click.ClickException(str(error)) from error
+    click.echo(f"added {', '.join(added['columns'])} to {added['shards']} shards of teacher {teacher.teacher_id} "
+               f"({added['rows_written']} rows written, {added['shards'] - added['shards_written']} shards already "
+               f"complete) in {time.perf_counter() - started:.1f} s into {lance_uri}/scores")
+    return teacher.teacher_id
+
+
 def _analyse(lance_uri: str, teacher_id: str, out: Path, validated_uri: str | None) -> None:
     from curation_platform.scoring.statistics import analyse_pool
 
@@ -52,6 +71,9 @@ _score_options = stack([
                  help="negCLIPLoss batch size B (mates from the reference)."),
     click.option("--repeats", type=click.IntRange(min=1), default=10, show_default=True, help="negCLIPLoss repetitions K."),
     click.option("--prompt", "prompts", multiple=True, help="Domain prompt for importance weights (repeatable)."),
+    click.option("--add-prompt", "added_prompts", multiple=True,
+                 help="Add this domain prompt's importance weight column to the already scored pool, without "
+                      "rescoring it: only that column is computed (repeatable; other score options are ignored)."),
 ])
 
 
@@ -65,10 +87,19 @@ _score_options = stack([
               help="Validated samples (local) for captions: adds KL-decile n-gram coverage to --analysis.")
 def score(lance_uri: str, teacher_checkpoint: str | None, arch: str | None, pretrained: str | None,
           target_uri: str | None, reference_size: int, reference_seed: int, neg_clip_batch_size: int, repeats: int,
-          prompts: tuple[str, ...], analysis_dir: Path | None, validated_uri: str | None) -> None:
+          prompts: tuple[str, ...], added_prompts: tuple[str, ...], analysis_dir: Path | None,
+          validated_uri: str | None) -> None:
     """Score every embedded shard (all of SCORES.md) against one stored reference sample and target."""
     from curation_platform.scoring.pipeline import ScoreParams
 
+    if added_prompts:
+        if prompts:
+            raise click.UsageError("--prompt scores the pool, --add-prompt adds columns to a scored one: not both")
+        teacher_id = _add_prompts(lance_uri, teacher_spec(teacher_checkpoint, arch, pretrained), added_prompts,
+                                  ScoreParams.importance_scale)
+        if analysis_dir:
+            _analyse(lance_uri, teacher_id, analysis_dir, validated_uri)
+        return
     params = ScoreParams(reference_size=reference_size, reference_seed=reference_seed,
                          neg_clip_batch_size=neg_clip_batch_size, neg_clip_repeats=repeats, prompts=prompts)
     _score(lance_uri, teacher_spec(teacher_checkpoint, arch, pretrained), target_uri, params, analysis_dir,

@@ -28,7 +28,14 @@ from curation_platform.dedup.tables import (
 from curation_platform.embedding.sinks import EMBEDDINGS_TABLE
 from curation_platform.layout import ShardOutputs
 from curation_platform.releases.recipe import Recipe, RecipeError
-from curation_platform.scoring.pipeline import REFERENCE_TABLE, SCORES_TABLE, TARGET_TABLE, score_filter
+from curation_platform.scoring.pipeline import (
+    PER_PROMPT_PARAMS,
+    REFERENCE_TABLE,
+    SCORES_TABLE,
+    TARGET_TABLE,
+    prompt_columns_of,
+    score_filter,
+)
 from curation_platform.storage import S3Settings
 
 # the validated sample metadata (``samples/`` parquet) a pool frame joins onto the score rows
@@ -92,15 +99,34 @@ def _scores_at(sources: ReleaseSources, versions: dict[str, int]) -> Any:
     return table.to_lance()
 
 
+def _score_identity(score_params: str | None) -> str | None:
+    """``score_params`` without the prompt-only parameters, which rows scored before prompt columns had
+    their own provenance still carry (they change no other score)."""
+    if score_params is None:
+        return None
+    described = json.loads(score_params)
+    params = described.get("params")
+    if isinstance(params, dict):
+        described["params"] = {name: value for name, value in params.items() if name not in PER_PROMPT_PARAMS}
+    return json.dumps(described, sort_keys=True)
+
+
 def score_provenance(sources: ReleaseSources, versions: dict[str, int]) -> dict[str, Any]:
     """The score version, parameters, reference and target that every one of the teacher's score rows
-    was computed with, read batch by batch; a table that mixes them cannot be released from."""
-    scanner = _scores_at(sources, versions).scanner(columns=list(SCORE_PROVENANCE),
-                                                    filter=score_filter(sources.teacher_id))
+    was computed with, read batch by batch; a table that mixes them cannot be released from. Also each
+    prompt column's own provenance recorded for the teacher (``prompt_columns``: prompt, a_w, the
+    prompt embedding's sha256), which adding a prompt to a scored pool leaves the rows' unchanged."""
+    dataset = _scores_at(sources, versions)
+    scanner = dataset.scanner(columns=list(SCORE_PROVENANCE), filter=score_filter(sources.teacher_id))
+    identities: dict[str | None, str | None] = {}
     seen: set[tuple] = set()
     for batch in scanner.to_batches():
         distinct = pa.Table.from_batches([batch]).group_by(list(SCORE_PROVENANCE)).aggregate([])
-        seen.update(tuple(row[name] for name in SCORE_PROVENANCE) for row in distinct.to_pylist())
+        for row in distinct.to_pylist():
+            if row["score_params"] not in identities:
+                identities[row["score_params"]] = _score_identity(row["score_params"])
+            row["score_params"] = identities[row["score_params"]]
+            seen.add(tuple(row[name] for name in SCORE_PROVENANCE))
     if not seen:
         raise RecipeError(f"no scores of teacher {sources.teacher_id} in {sources.lance_uri}")
     if len(seen) > 1:
@@ -110,6 +136,8 @@ def score_provenance(sources: ReleaseSources, versions: dict[str, int]) -> dict[
     (values,) = seen
     provenance = dict(zip(SCORE_PROVENANCE, values))
     provenance["score_params"] = json.loads(provenance["score_params"])
+    provenance["prompt_columns"] = {name: column.describe() for name, column in
+                                    prompt_columns_of(dataset.schema, sources.teacher_id).items()}
     return provenance
 
 

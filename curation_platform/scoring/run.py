@@ -1,11 +1,13 @@
-"""Score a whole pool: draw/load the artefacts once, then score and store shard after shard."""
+"""Score a whole pool: draw/load the artefacts once, then score and store shard after shard; add a
+domain prompt's importance weight column to a scored pool without rescoring it."""
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -22,9 +24,14 @@ from curation_platform.scoring.pipeline import (
     SCORES_TABLE,
     TARGET_TABLE,
     EmbeddingSet,
+    PromptColumn,
     ScoreParams,
     ScoringContext,
+    ShardPromptFill,
     draw_reference,
+    fill_prompt_columns,
+    prepare_prompt_columns,
+    record_prompt_provenance,
     save_set,
     score_filter,
     score_rows,
@@ -40,6 +47,7 @@ class ShardScores:
     shard: str
     rows: int
     version: int
+    prompt_columns: tuple[str, ...] = ()  # the prompt columns scored (the context's and the table's recorded ones)
 
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -134,12 +142,17 @@ def scoring_context(teacher: Teacher, params: ScoreParams, reference: EmbeddingS
         if artefact is not None and artefact.teacher_id != teacher.teacher_id:
             raise ValueError(f"{artefact.set_id} was embedded by {artefact.teacher_id}, not by {teacher.teacher_id}: "
                              "draw the reference and embed the target again for this teacher")
-    prompts = {}
-    if params.prompts:
-        tokens = teacher.tokenize(list(params.prompts)).to(teacher.device)
-        encoded = teacher.encode_texts(tokens).cpu().numpy()
-        prompts = {prompt: vector for prompt, vector in zip(params.prompts, encoded, strict=True)}
-    return ScoringContext(teacher.teacher_id, teacher.logit_scale, params, reference, target, prompts)
+    return ScoringContext(teacher.teacher_id, teacher.logit_scale, params, reference, target,
+                          embed_prompts(teacher, params.prompts))
+
+
+def embed_prompts(teacher: Teacher, prompts: Sequence[str]) -> dict[str, np.ndarray]:
+    """Each distinct prompt's text embedding, one prompt per forward pass: its bits do not depend on
+    which other prompts are encoded with it."""
+    encoded = {}
+    for prompt in dict.fromkeys(prompts):
+        encoded[prompt] = teacher.encode_texts(teacher.tokenize([prompt]).to(teacher.device)).cpu().numpy()[0]
+    return encoded
 
 
 def build_context(teacher: Teacher, lance_uri: str, params: ScoreParams, target: EmbeddingSet | None = None,
@@ -155,14 +168,21 @@ def build_context(teacher: Teacher, lance_uri: str, params: ScoreParams, target:
 
 def score_shard(context: ScoringContext, lance_uri: str, shard: str, table: str = EMBEDDINGS_TABLE,
                 s3: S3Settings | None = None) -> ShardScores:
-    """Score one stored shard of the context's teacher and replace its score rows."""
+    """Score one stored shard of the context's teacher and replace its score rows.
+
+    The prompt columns are the context's prompts and every prompt recorded for the teacher in the
+    scores table (old prompts stay), each scored with its recorded embedding and a_w, so a shard
+    scored after :func:`add_prompt_columns` gets the very values that added the column.
+    """
+    prepared = prepare_prompt_columns(lance_uri, context.teacher_id, context.prompt_columns(), s3, with_recorded=True)
+    context = context.with_prompt_columns(prepared.columns)
     embeddings = lance_tables.connect(lance_uri, s3).open_table(table).to_lance()
     rows = embeddings.to_table(
         columns=["uid", "shard", "image_embedding", "text_embedding"],
         filter=f"{lance_tables.partition_condition(shard, context.teacher_id)}")
     scored = score_rows(rows, context)
-    version = write_scores(lance_uri, scored, shard, context.teacher_id, list(context.params.prompts), s3)
-    return ShardScores(shard, scored.num_rows, version)
+    version = write_scores(lance_uri, scored, shard, context.teacher_id, context.prompt_columns(), s3)
+    return ShardScores(shard, scored.num_rows, version, tuple(column.column for column in context.prompt_columns()))
 
 
 def score_pool(context: ScoringContext, lance_uri: str, shards: list[str] | None = None,
@@ -180,6 +200,59 @@ def score_pool(context: ScoringContext, lance_uri: str, shards: list[str] | None
         if on_shard:
             on_shard(results[-1])
     return results
+
+
+def scored_shards(lance_uri: str, teacher_id: str, s3: S3Settings | None = None) -> list[str]:
+    """The shards with score rows of the teacher (one pass over the scores table's shard column)."""
+    table = lance_tables.connect(lance_uri, s3).open_table(SCORES_TABLE).to_lance()
+    names: set[str] = set()
+    for batch in table.to_batches(columns=["shard"], filter=score_filter(teacher_id)):
+        names.update(batch.column("shard").unique().to_pylist())
+    return sorted(names)
+
+
+def add_prompt_columns(lance_uri: str, teacher: Teacher, prompts: Sequence[str], s3: S3Settings | None = None,
+                       shards: Sequence[str] | None = None, *, importance_scale: float = ScoreParams.importance_scale,
+                       table: str = EMBEDDINGS_TABLE, on_shard: Callable[[ShardPromptFill], None] | None = None,
+                       ) -> dict[str, Any]:
+    """Add domain prompts' importance weight columns to an already scored pool, without rescoring it.
+
+    Embeds each prompt with the teacher once, adds the missing ``iw_<prompt>`` columns to the scores
+    table with their provenance (:func:`~curation_platform.scoring.pipeline.prepare_prompt_columns`),
+    then, shard by shard (every scored shard of the teacher, or ``shards``), computes the column from
+    the shard's stored image embeddings and writes only its cells
+    (:func:`~curation_platform.scoring.pipeline.fill_prompt_columns`). No other column and no row
+    changes; running it again writes nothing. A column holding the teacher's values from before
+    provenance was recorded is recomputed everywhere and recorded once every shard was done.
+    """
+    if not prompts:
+        raise ValueError("no prompts to add")
+    database = lance_tables.connect(lance_uri, s3)
+    if SCORES_TABLE not in database.list_tables().tables:
+        raise FileNotFoundError(f"no {SCORES_TABLE} table in {lance_uri}: score the pool first")
+    requested = [PromptColumn(prompt, teacher.teacher_id, importance_scale, vector)
+                 for prompt, vector in embed_prompts(teacher, prompts).items()]
+    prepared = prepare_prompt_columns(lance_uri, teacher.teacher_id, requested, s3)
+    names = list(shards) if shards is not None else scored_shards(lance_uri, teacher.teacher_id, s3)
+    results = []
+    for shard in names:
+        results.append(fill_prompt_columns(lance_uri, shard, prepared.columns, s3, table, prepared.unrecorded))
+        if on_shard:
+            on_shard(results[-1])
+    unrecorded = prepared.unrecorded
+    if unrecorded and shards is None:  # every shard recomputed: the values are now the recorded ones
+        record_prompt_provenance(lance_uri, [column for column in prepared.columns if column.column in unrecorded], s3)
+        unrecorded = []
+    return {
+        "teacher_id": teacher.teacher_id,
+        "columns": {column.column: column.describe() for column in prepared.columns},
+        "unrecorded": unrecorded,
+        "shards": len(results),
+        "shards_written": sum(result.version is not None for result in results),
+        "rows_written": sum(result.written for result in results),
+        "missing_embeddings": sum(result.missing_embeddings for result in results),
+        "version": int(database.open_table(SCORES_TABLE).version),
+    }
 
 
 def read_scores(lance_uri: str, teacher_id: str, s3: S3Settings | None = None, columns: list[str] | None = None,
