@@ -56,6 +56,18 @@ shard_pipeline = dg.define_asset_job(
     "shard_pipeline", selection=[validated_samples, embeddings, shard_scores, duplicate_pairs],
     description="Ingest, embed, score and deduplicate shards: the job behind CLI backfills and single-shard retries.",
 )
+teacher_and_references = dg.define_asset_job(
+    "teacher_and_references", selection=[teacher, reference_sample, normsim_target, eval_set_embeddings],
+    description="Train or load the teacher, draw the reference sample, embed the NormSim target and evaluation sets.",
+)
+pool_statistics = dg.define_asset_job(
+    "pool_statistics", selection=[score_statistics, image_index, duplicate_groups],
+    description="Pool-wide statistics, the near-duplicate index and the duplicate groups.",
+)
+releases_job = dg.define_asset_job(
+    "releases", selection=dg.AssetSelection.groups("releases"),
+    description="Publish one new release version of every recipe (each verified by its checks).",
+)
 
 
 def build_definitions(settings: dict | None = None, resources: dict | None = None) -> dg.Definitions:
@@ -84,7 +96,7 @@ def build_definitions(settings: dict | None = None, resources: dict | None = Non
                 score_statistics, eval_set_embeddings, image_index, duplicate_pairs, duplicate_groups,
                 *releases, *evaluations],
         asset_checks=checks,
-        jobs=[shard_pipeline],
+        jobs=[shard_pipeline, teacher_and_references, pool_statistics, releases_job],
         sensors=[shard_discovery_sensor, automation_sensor],
         resources=resources,
     )

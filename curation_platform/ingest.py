@@ -108,6 +108,8 @@ class ShardReport:
     seconds: float
     warnings: list[str] = field(default_factory=list)
     displaced: dict[str, int] = field(default_factory=dict)  # later shard -> this shard's uids it kept
+    tar_sha256: str | None = None  # with files: the ShardRef ingested, for read_shard_ref
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)  # kind -> uri, size, mtime_ns, etag
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -351,6 +353,8 @@ class ShardIngester:
             seconds=round(seconds, 3),
             warnings=self._warnings(),
             displaced=self.displaced,
+            tar_sha256=self.shard.tar_sha256,
+            files=self.shard.records(),
         )
         return ShardIngestion(report=report, accepted=accepted, quarantine=quarantine)
 
@@ -499,7 +503,7 @@ def failed_ingestion(shard: ShardRef, error: Exception) -> ShardIngestion:
     report = ShardReport(shard=shard.name, shard_id=shard.shard_id, checksum=shard.checksum, total=0, accepted=0,
                          quarantined=0, by_reason={}, parquet_rows=None, tar_samples=0, ignored_members=0,
                          tar_directories=0, errors=[f"ingestion failed: {type(error).__name__}: {error}"],
-                         bytes_read=0, seconds=0.0)
+                         bytes_read=0, seconds=0.0, tar_sha256=shard.tar_sha256, files=shard.records())
     return ShardIngestion(report, ACCEPTED_SCHEMA.empty_table(), QUARANTINE_SCHEMA.empty_table())
 
 
@@ -507,6 +511,18 @@ def _parquet_bytes(table: pa.Table) -> bytes:
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
     return sink.getvalue().to_pybytes()
+
+
+def read_shard_ref(out_uri: str, shard_name: str, s3: S3Settings | None = None) -> ShardRef | None:
+    """The shard as its ingestion's report recorded it, so later steps neither list the pool nor hash the
+    shard's files again; None for a report written before reports recorded files."""
+    path = ShardOutputs.of(out_uri, shard_name).report
+    if not storage.exists(path, s3):
+        raise FileNotFoundError(f"shard {shard_name} has not been ingested into {out_uri}")
+    report = json.loads(storage.read_bytes(path, s3))
+    if not report.get("files"):
+        return None
+    return ShardRef.recorded(report["shard"], report["checksum"], report["tar_sha256"], report["files"])
 
 
 def read_accepted(out_uri: str, shard: ShardRef, s3: S3Settings | None = None) -> pa.Table:

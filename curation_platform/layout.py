@@ -166,7 +166,8 @@ class ProjectLayout:
 
     @property
     def checksum_cache(self) -> Path | None:
-        """The shard-checksum cache (SQLite, so only for a local home)."""
+        """The shard-checksum cache of a local home (SQLite); an ``s3://`` home uses one per machine
+        (:func:`curation_platform.pool.machine_checksum_cache`)."""
         return None if storage.is_s3(self.home) else Path(self.state, "checksums.sqlite")
 
     def folders(self) -> dict[str, str]:

@@ -14,12 +14,14 @@ import posixpath
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
 S3_SCHEME = "s3://"
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,20 @@ class S3Settings:
             kwargs["secret_key"] = self.secret_access_key
             kwargs["session_token"] = self.session_token
         return pafs.S3FileSystem(**kwargs)
+
+    def boto3_client(self):  # -> a botocore S3 client (boto3 is imported only when S3 is listed)
+        """A boto3 S3 client with these settings, for what pyarrow does not expose (object ETags).
+
+        A custom endpoint is addressed path-style, as pyarrow addresses it (SeaweedFS, MinIO)."""
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client(
+            "s3", endpoint_url=self.endpoint_url, region_name=self.region or "us-east-1",
+            aws_access_key_id=self.access_key_id, aws_secret_access_key=self.secret_access_key,
+            aws_session_token=self.session_token,
+            config=Config(s3={"addressing_style": "path"}) if self.endpoint_url else None,
+        )
 
     def storage_options(self) -> dict[str, str]:
         """The same settings as object_store options (LanceDB, polars)."""
@@ -108,11 +124,13 @@ def uri_of(fs: pafs.FileSystem, path: str) -> str:
 
 @dataclass(frozen=True)
 class FileEntry:
-    """A listed file: its URI, size and modification time (what a checksum cache keys on)."""
+    """A listed file: its URI, size, modification time and, from :func:`list_objects` on S3, its ETag
+    (what a checksum cache keys on)."""
 
     uri: str
     size: int
     mtime_ns: int | None
+    etag: str | None = None
 
 
 def list_files(uri: str, s3: S3Settings | None = None) -> Iterator[FileEntry]:
@@ -122,6 +140,26 @@ def list_files(uri: str, s3: S3Settings | None = None) -> Iterator[FileEntry]:
     for info in sorted(infos, key=lambda i: i.path):
         if info.type == pafs.FileType.File:
             yield FileEntry(uri_of(fs, info.path), int(info.size), info.mtime_ns)
+
+
+def list_objects(uri: str, s3: S3Settings | None = None, name_prefix: str = "") -> Iterator[FileEntry]:
+    """Files directly under ``uri`` whose names start with ``name_prefix``, sorted by name; on S3 with each
+    object's ETag, which the listing returns with size and mtime at no extra request, so a checksum cache
+    can tell a re-upload from the same object without reading it. On S3 only the prefix is listed, and a
+    missing prefix lists nothing (S3 has no folders)."""
+    if not is_s3(uri):
+        for entry in list_files(uri, s3):
+            if entry.uri.rsplit("/", 1)[-1].startswith(name_prefix):
+                yield entry
+        return
+    bucket, _, prefix = uri[len(S3_SCHEME) :].strip("/").partition("/")
+    prefix = f"{prefix}/" if prefix else ""
+    pages = (s3 or S3Settings.from_env()).boto3_client().get_paginator("list_objects_v2").paginate(
+        Bucket=bucket, Prefix=prefix + name_prefix, Delimiter="/")
+    objects = [item for page in pages for item in page.get("Contents", []) if not item["Key"].endswith("/")]
+    for item in sorted(objects, key=lambda listed: listed["Key"]):
+        mtime_ns = (item["LastModified"] - _EPOCH) // timedelta(microseconds=1) * 1000
+        yield FileEntry(f"{S3_SCHEME}{bucket}/{item['Key']}", int(item["Size"]), mtime_ns, item["ETag"].strip('"'))
 
 
 def file_entry(uri: str, s3: S3Settings | None = None) -> FileEntry | None:

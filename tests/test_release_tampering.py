@@ -150,3 +150,33 @@ def test_concurrent_creates_of_one_recipe_publish_consecutive_versions(scored_de
         releases = list(pool.map(lambda _: create_release(recipe, sources, str(tmp_path / "releases")), range(3)))
     assert sorted(release.version for release in releases) == [1, 2, 3]
     assert all(verify_release(release.uri, rederive=False).ok for release in releases)
+
+
+@pytest.mark.s3
+def test_concurrent_publishes_of_one_version_on_s3_never_mix(tmp_path: Path, s3_server) -> None:
+    """On S3 the version is claimed by a conditional PUT: one writer publishes, the others are told."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from curation_platform import storage
+    from curation_platform.releases.artefacts import publish_folder
+    from tests.helpers.s3 import S3_BUCKET
+
+    stagings = []
+    for writer in range(4):
+        folder = tmp_path / f"staging-{writer}"
+        folder.mkdir()
+        for name in (SAMPLES, MANIFEST, CHECKSUMS):
+            (folder / name).write_text(f"writer {writer}")
+        stagings.append(folder)
+
+    def publish(folder: Path) -> str | None:
+        try:
+            return publish_folder(folder, f"s3://{S3_BUCKET}/race-releases", "race", 1, s3_server)
+        except FileExistsError:
+            return None
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        published = [uri for uri in pool.map(publish, stagings) if uri is not None]
+    assert len(published) == 1
+    texts = {storage.read_bytes(storage.join(published[0], name), s3_server) for name in (SAMPLES, MANIFEST, CHECKSUMS)}
+    assert len(texts) == 1  # every file from the one writer that claimed the version

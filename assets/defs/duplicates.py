@@ -34,8 +34,8 @@ from curation_platform_dagster.defs.embeddings import embeddings
 from curation_platform_dagster.defs.ingestion import shard_partitions
 from curation_platform_dagster.defs.quality import check_result
 from curation_platform_dagster.defs.resources import DuplicatesResource, PlatformResource, TeacherResource
-from curation_platform_dagster.defs.scoring import ALL_SHARDS, _latest, teacher_id_of
-from curation_platform_dagster.defs.teachers import teacher
+from curation_platform_dagster.defs.scoring import ALL_SHARDS
+from curation_platform_dagster.defs.teachers import latest_metadata, teacher, teacher_id_of
 
 NEAR_SHARE_WARNING = 0.5  # above this share of the pool in near groups, the teacher or eps is suspect
 
@@ -107,7 +107,7 @@ def image_index(platform: PlatformResource, duplicates: DuplicatesResource) -> d
 )
 def duplicate_pairs(context: dg.AssetExecutionContext, platform: PlatformResource,
                     duplicates: DuplicatesResource) -> dg.MaterializeResult:
-    shard = platform.shard(context.partition_key)
+    shard = platform.recorded_shard(context.partition_key)
     teacher_id = teacher_id_of(context)
     samples = read_accepted(platform.validated_uri, shard, platform.s3)
     exact = ExactDuplicateIndex(platform.layout.exact_duplicates, platform.s3)
@@ -115,7 +115,7 @@ def duplicate_pairs(context: dg.AssetExecutionContext, platform: PlatformResourc
     exact.add_shard(shard.name, samples)
     search = duplicates.search()
     near = near_matches(platform.lancedb_uri, teacher_id, shard.name, search, platform.s3)
-    set_ids = _latest(context, eval_set_embeddings, "set_ids") or {}
+    set_ids = latest_metadata(context, eval_set_embeddings, "set_ids") or {}
     sets = [load_set(platform.lancedb_uri, EVALUATION_TABLE, set_id, platform.s3) for set_id in set_ids.values()]
     uids, images = shard_image_embeddings(platform.lancedb_uri, teacher_id, shard.name, platform.s3)
     copies = copies_in_shard(uids, images, sets, duplicates.contamination_eps)

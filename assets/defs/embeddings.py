@@ -5,13 +5,14 @@ import dagster as dg
 from curation_platform.embedding.engine import embed_shard
 from curation_platform.embedding.sinks import LanceSink, embedding_schema
 from curation_platform.ingest import read_accepted
+from curation_platform.pool import tar_unchanged
 from curation_platform.quality import embeddings_suite
 from curation_platform.teachers import load_teacher
 from curation_platform_dagster.defs.automation import per_shard
 from curation_platform_dagster.defs.ingestion import shard_partitions, validated_samples
 from curation_platform_dagster.defs.quality import check_result
 from curation_platform_dagster.defs.resources import PlatformResource, TeacherResource
-from curation_platform_dagster.defs.teachers import require_passed_gate, teacher
+from curation_platform_dagster.defs.teachers import embed_dim_of, require_passed_gate, teacher, teacher_id_of
 
 
 @dg.asset(
@@ -26,7 +27,10 @@ from curation_platform_dagster.defs.teachers import require_passed_gate, teacher
 )
 def embeddings(context: dg.AssetExecutionContext, platform: PlatformResource,
                teacher_config: TeacherResource) -> dg.MaterializeResult:
-    shard = platform.shard(context.partition_key)
+    shard = platform.recorded_shard(context.partition_key)
+    if not tar_unchanged(shard, platform.s3):
+        raise dg.Failure(f"shard {shard.name}'s tar changed since it was ingested: re-ingest it first (the "
+                         "discovery sensor requests that)")
     samples = read_accepted(platform.validated_uri, shard, platform.s3)
     config = teacher_config.embed_config()
     loaded = load_teacher(teacher_config.spec(platform), device=config.resolved_device(), s3=platform.s3)
@@ -57,11 +61,9 @@ def embeddings(context: dg.AssetExecutionContext, platform: PlatformResource,
                             "accepted sample, and nothing else.")
 def embeddings_meet_expectations(context: dg.AssetCheckExecutionContext, platform: PlatformResource,
                                  teacher_config: TeacherResource) -> dg.AssetCheckResult:
-    shard = platform.shard(context.partition_key)
+    shard = platform.recorded_shard(context.partition_key)
     samples = read_accepted(platform.validated_uri, shard, platform.s3)
-    loaded = load_teacher(teacher_config.spec(platform), s3=platform.s3)
+    teacher_id, embed_dim = teacher_id_of(context), embed_dim_of(context)
     sink = LanceSink(platform.lancedb_uri, table=teacher_config.table, s3=platform.s3)
-    rows = sink.read_shard(shard.name, loaded.teacher_id, loaded.embed_dim,
-                           columns=["uid", "image_embedding", "text_embedding"])
-    return check_result(embeddings_suite(rows, samples.column("uid").to_pylist(), loaded.embed_dim),
-                        teacher_id=loaded.teacher_id)
+    rows = sink.read_shard(shard.name, teacher_id, embed_dim, columns=["uid", "image_embedding", "text_embedding"])
+    return check_result(embeddings_suite(rows, samples.column("uid").to_pylist(), embed_dim), teacher_id=teacher_id)

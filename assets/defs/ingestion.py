@@ -8,6 +8,7 @@ import pyarrow.parquet as pq
 from curation_platform import storage
 from curation_platform.ingest import ingest_shard, make_executor, write_ingestion
 from curation_platform.layout import ShardOutputs
+from curation_platform.pool import HASHED
 from curation_platform.quality import quarantine_suite, validated_samples_suite
 from curation_platform.uid_registry import LanceUidRegistry
 from curation_platform_dagster.defs.quality import check_result
@@ -24,7 +25,9 @@ shard_partitions = dg.DynamicPartitionsDefinition(name="shards")
     description="Accepted samples (with metadata) and quarantined samples (with reason codes) of one shard.",
 )
 def validated_samples(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
-    shard = platform.shard(context.partition_key)
+    before = HASHED.reading()
+    shard = platform.shard(context.partition_key)  # only here and in the sensor; later steps read the report
+    hashed = HASHED.reading() - before
     executor = make_executor(platform.decode_workers)
     try:
         registry = LanceUidRegistry(ShardOutputs.uid_registry(platform.validated_uri), platform.s3)
@@ -46,6 +49,9 @@ def validated_samples(context: dg.AssetExecutionContext, platform: PlatformResou
             "shard_errors": dg.MetadataValue.json(report.errors),
             "warnings": dg.MetadataValue.json(report.warnings),
             "seconds": dg.MetadataValue.float(report.seconds),
+            "hashes_computed": hashed.files,  # 0 when the checksum cache knew the shard's files
+            "bytes_hashed": hashed.bytes_read,
+            "tar_bytes_read": report.bytes_read,
             "samples_per_second": dg.MetadataValue.float(report.total / max(report.seconds, 1e-9)),
             "samples_path": dg.MetadataValue.path(paths["samples"]),
             "quarantine_path": dg.MetadataValue.path(paths["quarantine"]),
@@ -58,8 +64,8 @@ def validated_samples(context: dg.AssetExecutionContext, platform: PlatformResou
 
 
 def _report(platform: PlatformResource, partition_key: str) -> dict:
-    uri = platform.layout.shard_outputs(platform.shard(partition_key).name).report
-    return json.loads(storage.read_bytes(uri, platform.s3))
+    """The shard's ingestion report (files are named by partition key: no need to resolve the shard)."""
+    return json.loads(storage.read_bytes(platform.layout.shard_outputs(partition_key).report, platform.s3))
 
 
 def _read(uri: str, platform: PlatformResource):
@@ -84,7 +90,7 @@ def shard_reconciles(context: dg.AssetCheckExecutionContext, platform: PlatformR
                             "validation limits, unique well-formed uids; known quarantine reason codes.")
 def samples_meet_expectations(context: dg.AssetCheckExecutionContext,
                               platform: PlatformResource) -> dg.AssetCheckResult:
-    outputs = platform.layout.shard_outputs(platform.shard(context.partition_key).name)
+    outputs = platform.layout.shard_outputs(context.partition_key)
     limits = platform.limits
     return check_result(
         validated_samples_suite(_read(outputs.samples, platform), limits.min_image_side, limits.max_pixels,
@@ -94,7 +100,8 @@ def samples_meet_expectations(context: dg.AssetCheckExecutionContext,
 
 
 @dg.asset_check(asset=validated_samples, partitions_def=shard_partitions,
-                description="Warns when a shard quarantines more than PlatformResource.max_quarantine_rate.")
+                description="Warns when a shard quarantines more of its samples than the platform's "
+                            "max_quarantine_rate (25% by default): a sign of a broken download or a wrong pool.")
 def quarantine_rate_within_bound(context: dg.AssetCheckExecutionContext,
                                  platform: PlatformResource) -> dg.AssetCheckResult:
     report = _report(platform, context.partition_key)

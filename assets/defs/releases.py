@@ -7,7 +7,14 @@ import dagster as dg
 import polars as pl
 
 from curation_platform import storage
-from curation_platform.releases import Recipe, ReleaseOptions, ReleaseSources, create_release, load_recipe
+from curation_platform.releases import (
+    Recipe,
+    ReleaseOptions,
+    ReleaseSources,
+    create_release,
+    load_recipe,
+    verify_release,
+)
 from curation_platform_dagster.defs.duplicates import duplicate_groups
 from curation_platform_dagster.defs.resources import PlatformResource
 from curation_platform_dagster.defs.scoring import score_statistics, teacher_id_of
@@ -36,9 +43,43 @@ def _check_results(context: dg.AssetExecutionContext, check_keys: list[dg.AssetC
     return {key.to_user_string(): record.status.value for key, record in sorted(latest.items(), key=str) if record}
 
 
+RELEASE_CHECKS = {
+    "release_verifies": "The published folder matches its SHA256SUMS, and re-running the recipe on the pinned "
+                        "tables gives the same samples.parquet, subset.npy and release id.",
+    "funnel_reconciles": "Each selection stage keeps at most the rows it was given, and the last count is the "
+                         "number of samples released.",
+    "size_within_bounds": "The release holds at least the recipe's min_size samples and at most its max_size.",
+}
+
+
+def release_asset_name(recipe: Recipe) -> str:
+    return "release_" + re.sub(r"[^a-z0-9_]", "_", recipe.name)
+
+
+def release_checks(manifest: dict, recipe: Recipe, uri: str, platform: PlatformResource) -> list[dg.AssetCheckResult]:
+    """The three checks every release gets, computed on what was just published."""
+    verification = verify_release(uri, platform.s3)
+    rows = [stage["rows"] for stage in manifest["funnel"]]
+    reconciles = all(later <= earlier for earlier, later in zip(rows, rows[1:], strict=False)) \
+        and rows[-1] == manifest["selected"]
+    selected = manifest["selected"]
+    return [
+        dg.AssetCheckResult(check_name="release_verifies", passed=verification.ok, metadata={
+            "files_checked": verification.files_checked, "uids_identical": verification.uids_identical,
+            "problems": dg.MetadataValue.json(verification.mismatched + verification.missing + verification.unlisted
+                                              + verification.problems)}),
+        dg.AssetCheckResult(check_name="funnel_reconciles", passed=reconciles,
+                            metadata={"rows_per_stage": dg.MetadataValue.json(rows), "selected": selected}),
+        dg.AssetCheckResult(check_name="size_within_bounds",
+                            passed=recipe.min_size <= selected <= (recipe.max_size or selected),
+                            metadata={"selected": selected, "min_size": recipe.min_size,
+                                      "max_size": recipe.max_size}),
+    ]
+
+
 def release_asset(recipe: Recipe, check_keys: list[dg.AssetCheckKey]) -> dg.AssetsDefinition:
     """The release asset of one recipe; ``check_keys`` are the graph's checks whose results it records."""
-    name = "release_" + re.sub(r"[^a-z0-9_]", "_", recipe.name)
+    name = release_asset_name(recipe)
 
     @dg.asset(
         name=name,
@@ -47,6 +88,7 @@ def release_asset(recipe: Recipe, check_keys: list[dg.AssetCheckKey]) -> dg.Asse
         code_version=recipe.sha256[:16],
         kinds={"parquet", "numpy"},
         description=f"Release of recipe {recipe.name!r}: {recipe.description}",
+        check_specs=[dg.AssetCheckSpec(check, asset=name, description=text) for check, text in RELEASE_CHECKS.items()],
     )
     def _release(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
         teacher_id = teacher_id_of(context)
@@ -70,6 +112,7 @@ def release_asset(recipe: Recipe, check_keys: list[dg.AssetCheckKey]) -> dg.Asse
                 "funnel": dg.MetadataValue.md(funnel),
                 "lancedb_tables": dg.MetadataValue.json(manifest["lancedb_tables"]),
             },
+            check_results=release_checks(manifest, recipe, created.uri, platform),
         )
 
     return _release

@@ -20,8 +20,9 @@ from curation_platform.dedup.index import NearSearch
 from curation_platform.embedding.engine import EmbedConfig
 from curation_platform.embedding.sinks import EMBEDDINGS_TABLE
 from curation_platform.evaluation.scales import EvalScale, get_scale
+from curation_platform.ingest import read_shard_ref
 from curation_platform.layout import ProjectLayout
-from curation_platform.pool import ChecksumCache, ShardRef, discover_shards
+from curation_platform.pool import ChecksumCache, ShardRef, discover_shards, machine_checksum_cache
 from curation_platform.scoring.pipeline import ScoreParams
 from curation_platform.scoring.statistics import STATISTICS_MAX_ROWS
 from curation_platform.storage import S3Settings
@@ -120,12 +121,14 @@ class PlatformResource(dg.ConfigurableResource):
             return []
         return discover_shards(self.pool, s3=self.s3, checksum_cache=self._checksum_cache())
 
-    def _checksum_cache(self) -> ChecksumCache | None:
-        path = self.layout.checksum_cache
-        return ChecksumCache(path) if path else None
+    def _checksum_cache(self) -> ChecksumCache:
+        """The home's cache; an ``s3://`` home's is on this machine (see ``machine_checksum_cache``)."""
+        return ChecksumCache(self.layout.checksum_cache or machine_checksum_cache())
 
     def shard(self, partition_key: str) -> ShardRef:
-        """The shard behind a partition: addressed directly, scanning the pool only for odd names."""
+        """The shard behind a partition, resolved from the pool (listed, hashed unless cached): for ingestion
+        and discovery only; later steps read :meth:`recorded_shard`. Addressed directly, scanning the pool
+        only for odd names."""
         for suffix in (".tar", ".parquet"):
             uri = storage.join(self.pool, partition_key + suffix)
             if storage.exists(uri, self.s3):
@@ -134,6 +137,16 @@ class PlatformResource(dg.ConfigurableResource):
             if shard.partition_key == partition_key:
                 return shard
         raise dg.Failure(f"shard {partition_key!r} is no longer in the pool {self.pool}")
+
+    def recorded_shard(self, partition_key: str) -> ShardRef:
+        """The shard as ``validated_samples`` recorded it: nothing listed or hashed again, and the checksum
+        (data versions) is the one the samples were validated from. A report from before reports recorded
+        files falls back to the pool."""
+        try:
+            recorded = read_shard_ref(self.validated_uri, partition_key, self.s3)
+        except FileNotFoundError as error:
+            raise dg.Failure(f"{error}: materialise validated_samples first") from error
+        return recorded or self.shard(partition_key)
 
 
 class TeacherResource(dg.ConfigurableResource):

@@ -39,7 +39,7 @@ from curation_platform_dagster.defs.embeddings import embeddings
 from curation_platform_dagster.defs.ingestion import shard_partitions
 from curation_platform_dagster.defs.quality import check_result
 from curation_platform_dagster.defs.resources import PlatformResource, ScoringResource, TeacherResource
-from curation_platform_dagster.defs.teachers import teacher
+from curation_platform_dagster.defs.teachers import latest_metadata, teacher, teacher_id_of
 
 ALL_SHARDS = dg.AllPartitionMapping()
 
@@ -106,20 +106,6 @@ def normsim_target(context: dg.AssetExecutionContext, platform: PlatformResource
     )
 
 
-def _latest(context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext, asset: dg.AssetsDefinition,
-            key: str) -> str | None:
-    event = context.instance.get_latest_materialization_event(asset.key)
-    if event is None or event.asset_materialization is None:
-        raise dg.Failure(f"{asset.key.to_user_string()} has not been materialised yet")
-    value = event.asset_materialization.metadata.get(key)
-    return None if value is None else value.value
-
-
-def teacher_id_of(context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext) -> str:
-    """The teacher_id the ``teacher`` asset recorded: no need to load the weights just to name them."""
-    return _latest(context, teacher, "teacher_id")
-
-
 @dg.asset(
     partitions_def=shard_partitions,
     deps=[embeddings, dg.AssetDep(reference_sample, partition_mapping=ALL_SHARDS),
@@ -132,11 +118,11 @@ def teacher_id_of(context: dg.AssetExecutionContext | dg.AssetCheckExecutionCont
 )
 def shard_scores(context: dg.AssetExecutionContext, platform: PlatformResource,
                  teacher_config: TeacherResource, scoring: ScoringResource) -> dg.MaterializeResult:
-    shard = platform.shard(context.partition_key)
-    loaded = load_teacher(teacher_config.spec(platform), s3=platform.s3)
-    reference = load_set(platform.lancedb_uri, REFERENCE_TABLE, _latest(context, reference_sample, "reference_id"),
-                         platform.s3)
-    target_id = _latest(context, normsim_target, "target_id")
+    shard = platform.recorded_shard(context.partition_key)
+    loaded = load_teacher(teacher_config.spec(platform), s3=platform.s3)  # prompts need its text tower
+    reference_id = latest_metadata(context, reference_sample, "reference_id")
+    reference = load_set(platform.lancedb_uri, REFERENCE_TABLE, reference_id, platform.s3)
+    target_id = latest_metadata(context, normsim_target, "target_id")
     target = load_set(platform.lancedb_uri, TARGET_TABLE, target_id, platform.s3) if target_id else None
     try:
         scoring_ctx = scoring_context(loaded, scoring.params(), reference, target)
@@ -171,11 +157,11 @@ def shard_scores(context: dg.AssetExecutionContext, platform: PlatformResource,
                             "D_KLR >= 0, one row per sample.")
 def scores_meet_expectations(context: dg.AssetCheckExecutionContext, platform: PlatformResource,
                              scoring: ScoringResource) -> dg.AssetCheckResult:
-    shard = platform.shard(context.partition_key)
+    shard = platform.recorded_shard(context.partition_key)
     teacher_id = teacher_id_of(context)
     rows = read_scores(platform.lancedb_uri, teacher_id, platform.s3, shard=shard.name)
-    reference_size = _latest(context, reference_sample, "dagster/row_count")
-    target_id = _latest(context, normsim_target, "target_id")
+    reference_size = latest_metadata(context, reference_sample, "dagster/row_count")
+    target_id = latest_metadata(context, normsim_target, "target_id")
     return check_result(scores_suite(rows, int(reference_size), target_id is not None,
                                      [prompt_column(prompt) for prompt in scoring.prompts]))
 

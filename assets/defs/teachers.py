@@ -1,6 +1,7 @@
 """The teacher: trained by the platform on the trusted split, or a configured model, and its quality gate."""
 
 from collections.abc import Callable
+from typing import Any
 
 import dagster as dg
 
@@ -73,6 +74,26 @@ def teacher(context: dg.AssetExecutionContext, platform: PlatformResource, teach
         "preprocessing": dg.MetadataValue.json(description["preprocessing"]),
     }
     return dg.MaterializeResult(data_version=dg.DataVersion(loaded.teacher_id), metadata=metadata)
+
+
+def latest_metadata(context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext, asset: dg.AssetsDefinition,
+                    key: str) -> Any:
+    """A metadata value of ``asset``'s latest materialisation (None when it has none by that key)."""
+    event = context.instance.get_latest_materialization_event(asset.key)
+    if event is None or event.asset_materialization is None:
+        raise dg.Failure(f"{asset.key.to_user_string()} has not been materialised yet")
+    value = event.asset_materialization.metadata.get(key)
+    return None if value is None else value.value
+
+
+def teacher_id_of(context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext) -> str:
+    """The teacher_id the ``teacher`` asset recorded: no need to load the weights just to name them."""
+    return latest_metadata(context, teacher, "teacher_id")
+
+
+def embed_dim_of(context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext) -> int:
+    """The embedding dimension the ``teacher`` asset recorded: checks size embeddings without loading weights."""
+    return latest_metadata(context, teacher, "embed_dim")
 
 
 TEACHER_GATE = "teacher_beats_the_bar"

@@ -13,7 +13,7 @@ from tqdm import tqdm
 from curation_platform.cli.group import main, project_layout, stack
 from curation_platform.ingest import ShardReport, ingest_pool, write_ingestion
 from curation_platform.layout import ProjectLayout, ShardOutputs
-from curation_platform.pool import ChecksumCache, ShardRef, discover_shards
+from curation_platform.pool import ChecksumCache, ShardRef, discover_shards, machine_checksum_cache
 from curation_platform.uid_registry import LanceUidRegistry, MemoryUidRegistry
 from curation_platform.validation import ValidationLimits
 
@@ -30,7 +30,7 @@ _limits_options = stack([
 
 
 def discover_with_progress(pool_uri: str, layout: ProjectLayout | None) -> list[ShardRef]:
-    cache_path = layout.checksum_cache if layout else None
+    cache_path = (layout.checksum_cache or machine_checksum_cache()) if layout else None
     cache = ChecksumCache(cache_path) if cache_path else None
     with tqdm(desc="discovering shards", unit="shard", file=sys.stderr, leave=False) as bar:
         return discover_shards(pool_uri, checksum_cache=cache, on_shard=lambda _: bar.update())

@@ -45,6 +45,7 @@ import pyarrow.parquet as pq
 
 from curation_platform.demo.evaluation import EVAL_TASKS, EvalLabel
 from curation_platform.demo.pool import EVAL_CLASSES_FILE, EVAL_LABELS_FILE
+from curation_platform.file_modes import apply_default_modes
 from curation_platform.formats.img2dataset import TAR_MEMBER_MODE, TAR_MEMBER_MTIME
 from curation_platform.shard_reader import (
     IMAGE_EXTENSIONS,
@@ -321,8 +322,7 @@ def _write_set(
         (split_dir / NSHARDS_FILE).write_text(f"{len(shards)}\n", encoding="utf-8")
         for file_name, text in metadata.items():
             (temporary / file_name).write_text(text, encoding="utf-8")
-        for path in (temporary, split_dir):
-            path.chmod(0o755)
+        apply_default_modes(temporary)  # mkdtemp made it 0700
         if root.exists():
             retired = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.old.", suffix=".tmp"))
             os.replace(root, retired / root.name)

@@ -38,6 +38,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from curation_platform import storage
+from curation_platform.file_modes import apply_default_modes
 from curation_platform.formats.img2dataset import (
     TAR_MEMBER_MODE,
     TAR_MEMBER_MTIME,
@@ -360,7 +361,7 @@ class _ShardWriter:
         target = storage.join(self.out_uri, name)
         assert self._temporary is not None
         if self.local:
-            os.chmod(self._temporary, 0o644)  # mkstemp's 0600 would hide the shards from other users
+            apply_default_modes(Path(self._temporary))  # mkstemp's 0600 would hide the shards from other users
             os.replace(self._temporary, target)
         else:
             filesystem, path = storage.filesystem_for(target, self.s3)

@@ -27,6 +27,8 @@ from typing import Any, Literal
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from curation_platform.file_modes import apply_default_modes
+
 ImageFormat = Literal["jpg", "png"]
 
 SHARD_DIGITS = 5
@@ -80,6 +82,7 @@ def atomic_output(path: Path) -> Iterator[Path]:
     os.close(handle)
     try:
         yield Path(temporary)
+        apply_default_modes(Path(temporary))  # mkstemp made it 0600
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

@@ -1,7 +1,8 @@
 """The files of a release folder and how it becomes visible: the file names, DataComp's ``subset.npy``
 encoding of uids (:func:`subset_array`, :func:`subset_uids`), parquet and npy bytes, ``SHA256SUMS``
 over a staged folder, publishing a staged folder as ``<name>/<version>`` in one step (locally one
-``rename``; on S3 ``SHA256SUMS`` written last, and versions without it are not releases), the
+``rename``; on S3 the version is first claimed by a conditional PUT, then ``SHA256SUMS`` is written
+last, and versions without it are not releases), the
 published versions of a name, and the git commit a release was made from.
 """
 
@@ -23,6 +24,7 @@ import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
 from curation_platform import storage
+from curation_platform.file_modes import apply_default_modes
 from curation_platform.storage import S3Settings
 
 MANIFEST = "manifest.json"
@@ -30,6 +32,7 @@ SAMPLES = "samples.parquet"
 SUBSET = "subset.npy"
 CHECKSUMS = "SHA256SUMS"
 EXCLUDED = "excluded_uids.txt"
+CLAIMS = ".claims"  # releases/<name>/.claims/<version>: who took a version number on S3
 
 
 # -- subset.npy ---------------------------------------------------------------------------------
@@ -168,6 +171,22 @@ def versions_of(releases_uri: str, name: str, s3: S3Settings | None = None) -> l
     return sorted(found)
 
 
+def _claim(releases_uri: str, name: str, version: int, s3: S3Settings | None) -> None:
+    """Take ``version`` with a PUT that succeeds only if nobody has (``If-None-Match: *``, which AWS S3
+    and SeaweedFS enforce): of concurrent creators exactly one writes the folder, the others get
+    ``FileExistsError`` and move to the next version. Without it two writers could mix their files."""
+    from botocore.exceptions import ClientError
+
+    bucket, _, prefix = storage.join(releases_uri, name, CLAIMS, str(version))[len("s3://"):].partition("/")
+    try:
+        (s3 or S3Settings.from_env()).boto3_client().put_object(Bucket=bucket, Key=prefix, Body=b"",
+                                                                IfNoneMatch="*")
+    except ClientError as error:
+        if error.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict", "412"):
+            raise FileExistsError(f"release {name}/{version} was claimed by another writer") from error
+        raise
+
+
 def next_version(releases_uri: str, name: str, s3: S3Settings | None) -> int:
     taken = [int(entry) for entry in storage.list_dirs(storage.join(releases_uri, name), s3) if entry.isdigit()]
     return max(taken, default=0) + 1
@@ -183,12 +202,14 @@ def publish_folder(staging: Path, releases_uri: str, name: str, version: int, s3
         parent.mkdir(parents=True, exist_ok=True)
         hidden = parent / f".staging-{version}-{uuid.uuid4().hex}"
         shutil.copytree(staging, hidden)
+        apply_default_modes(hidden)  # the staging folder was a 0700 TemporaryDirectory
         try:
             os.rename(hidden, final)  # fails on an existing non-empty folder: never overwrites
         except OSError as error:
             shutil.rmtree(hidden, ignore_errors=True)
             raise FileExistsError(f"release {name}/{version} appeared meanwhile") from error
         return str(Path(final).resolve())
+    _claim(releases_uri, name, version, s3)
     files = sorted(path for path in staging.rglob("*") if path.is_file())
     for path in sorted(files, key=lambda path: path.name == CHECKSUMS):
         storage.write_bytes_atomic(storage.join(final, *path.relative_to(staging).parts), path.read_bytes(), s3)
