@@ -8,6 +8,8 @@ of the pool"); ``of="current"`` counts against the rows entering the stage inste
 
 Counts are ``floor(fraction * rows)``; ties are broken by ascending ``uid``, so a selection does not
 depend on the row order of the storage. Null and NaN scores are never ranked and never kept.
+:class:`DataCompTopFraction` instead reproduces DataComp's own rule (a score threshold: ``n + 1``
+rows plus ties), for its baselines (docs/baselines.md).
 
 Everything except NormSim-D (which has to fetch embeddings) and ``of="current"`` counts stays a
 lazy polars plan: ``sort(...).head(k)`` runs as a top-k, filters stream.
@@ -119,6 +121,47 @@ class IsIn:
         return {"policy": "is_in", "column": self.column, "values": list(self.values)}
 
 
+ORIGINAL_SIZE = ("original_width", "original_height")
+SizeMeasure = Literal["width", "height", "aspect_ratio"]
+
+
+def original_size(frame: pl.LazyFrame) -> tuple[pl.Expr, pl.Expr]:
+    """Width and height of the image before img2dataset resized it (``original_width``/``_height``),
+    the decoded ``width``/``height`` where either original is null or the frame has no such columns."""
+    if not set(ORIGINAL_SIZE) <= set(frame.collect_schema().names()):
+        return pl.col("width"), pl.col("height")
+    known = pl.col("original_width").is_not_null() & pl.col("original_height").is_not_null()
+    return (pl.when(known).then(pl.col("original_width")).otherwise(pl.col("width")),
+            pl.when(known).then(pl.col("original_height")).otherwise(pl.col("height")))
+
+
+@dataclass(frozen=True)
+class OriginalSize(Threshold):
+    """A :class:`Threshold` on the original image size (:func:`original_size`): ``width``, ``height``
+    or ``aspect_ratio`` = long side / short side. DataComp filters on the size before download-time
+    resizing, which the decoded image no longer has; being a Threshold, partitioned selection applies
+    it per partition like any row filter."""
+
+    column: SizeMeasure = "width"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.column not in ("width", "height", "aspect_ratio"):
+            raise ValueError(f"measure must be width, height or aspect_ratio, got {self.column!r}")
+
+    def apply(self, frame: pl.LazyFrame, pool_size: int | None = None) -> pl.LazyFrame:
+        width, height = original_size(frame)
+        measures = {"width": width, "height": height,
+                    "aspect_ratio": pl.max_horizontal(width, height) / pl.min_horizontal(width, height)}
+        value = measures[self.column].cast(pl.Float64).fill_nan(None)  # 0 / 0 is NaN: never kept
+        bounds = [value >= self.min] if self.min is not None else []
+        bounds += [value <= self.max] if self.max is not None else []
+        return frame.filter(*bounds)
+
+    def describe(self) -> dict[str, Any]:
+        return {"policy": "original_size", "measure": self.column, "min": self.min, "max": self.max}
+
+
 # -- global rankings ----------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -140,6 +183,43 @@ class TopFraction:
 
     def describe(self) -> dict[str, Any]:
         return {"policy": "top_fraction", "column": self.column, "fraction": self.fraction, "of": self.of,
+                "descending": self.descending}
+
+
+def datacomp_count(fraction: float, rows: int) -> int:
+    """DataComp's ``n = int(len(df) * fraction)``: truncation of the float product (``0.29 * 100`` is 28)."""
+    return int(rows * fraction)
+
+
+@dataclass(frozen=True)
+class DataCompTopFraction:
+    """DataComp's top fraction (``get_threshold``): with ``n = int(fraction * N)``, the threshold is the
+    score at 0-based position ``n`` of the scores sorted best first, and every row scoring at least that
+    stays: ``n + 1`` rows plus any ties with the threshold, chosen by value alone (no uid tie-break).
+
+    Null and NaN scores are never kept but count in ``N`` (DataComp's NaN rows are in ``len(df)``);
+    when ``n`` reaches past the scored rows, all of them stay (DataComp would index out of range).
+    """
+
+    column: str
+    fraction: float
+    of: Of = "pool"
+    descending: bool = True
+
+    def __post_init__(self) -> None:
+        _check_fraction(self.fraction, self.of)
+
+    def apply(self, frame: pl.LazyFrame, pool_size: int | None = None) -> pl.LazyFrame:
+        rows = row_count(frame) if self.of == "current" or pool_size is None else pool_size
+        n = datacomp_count(self.fraction, rows)
+        score = _score(self.column)
+        scored = score.drop_nulls()
+        if self.descending:
+            return frame.filter(score >= scored.top_k(n + 1).min())
+        return frame.filter(score <= scored.bottom_k(n + 1).max())
+
+    def describe(self) -> dict[str, Any]:
+        return {"policy": "datacomp_top_fraction", "column": self.column, "fraction": self.fraction, "of": self.of,
                 "descending": self.descending}
 
 
@@ -364,28 +444,36 @@ class Intersection:
 # -- DataComp / paper baselines -----------------------------------------------------------------
 
 def basic_filter() -> Chain:
-    """DataComp's basic filter: English, caption > 2 words and > 5 chars, min side >= 200, aspect <= 3.
+    """DataComp's basic filter (``load_uids_with_basic_filter_helper``): English caption of more than 2
+    words and 5 characters, image of min side >= 200 and aspect <= 3 at its original size.
 
-    ``aspect_ratio`` is ingestion's ``max(w, h) / min(w, h)``; word and char counts are integers, so
-    "> 2" and "> 5" are the inclusive bounds 3 and 6.
+    Sizes are img2dataset's ``original_width``/``original_height`` (pools are downloaded resized), the
+    decoded ``width``/``height`` only where an original is null (:func:`original_size`). Word and char
+    counts are integers, so "> 2" and "> 5" are the inclusive bounds 3 and 6. ``language`` is decided
+    at ingestion (:func:`curation_platform.validation.detect_language`).
     """
     return Chain(
         IsIn("language", ("en",)),
         Threshold("caption_words", min=3),
         Threshold("caption_chars", min=6),
-        Threshold("width", min=200),
-        Threshold("height", min=200),
-        Threshold("aspect_ratio", max=3.0),
+        OriginalSize("width", min=200),
+        OriginalSize("height", min=200),
+        OriginalSize("aspect_ratio", max=3.0),
     )
 
 
 def clip_score_top(fraction: float = 0.30) -> TopFraction:
-    """DataComp CLIP-score baseline: the top ``fraction`` of the pool by CLIPScore."""
+    """The top ``fraction`` of the pool by CLIPScore, exactly ``floor(fraction * N)`` rows."""
     return TopFraction("clip_score", fraction)
 
 
+def datacomp_clip_score_top(fraction: float = 0.30) -> DataCompTopFraction:
+    """DataComp's CLIP-score baseline (``clip_score_*_30_percent``): its threshold rule on CLIPScore."""
+    return DataCompTopFraction("clip_score", fraction)
+
+
 def laion_clip_score(threshold: float = 0.28) -> Threshold:
-    """LAION-2B-style filtering: CLIPScore >= ``threshold``."""
+    """LAION-2B-style filtering: CLIPScore >= ``threshold`` (DataComp's ``laion`` baseline, ViT-B/32)."""
     return Threshold("clip_score", min=threshold)
 
 

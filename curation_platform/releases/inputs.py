@@ -38,9 +38,13 @@ from curation_platform.scoring.pipeline import (
 )
 from curation_platform.storage import S3Settings
 
-# the validated sample metadata (``samples/`` parquet) a pool frame joins onto the score rows
+# the validated sample metadata (``samples/`` parquet) a pool frame joins onto the score rows; the
+# original (pre-resize) sizes feed DataComp's basic filter
 VALIDATED_SAMPLE_COLUMNS = ("uid", "key", "shard", "shard_id", "caption", "language", "caption_words",
-                            "caption_chars", "width", "height", "aspect_ratio", "image_offset", "image_bytes")
+                            "caption_chars", "width", "height", "aspect_ratio", "original_width", "original_height",
+                            "image_offset", "image_bytes")
+# columns that samples validated by older ingestions may lack (a frame without them falls back to decoded sizes)
+OPTIONAL_SAMPLE_COLUMNS = ("original_width", "original_height")
 # every table a release reads
 TABLES = (SCORES_TABLE, REFERENCE_TABLE, TARGET_TABLE, EMBEDDINGS_TABLE, GROUPS_TABLE, CONTAMINATION_TABLE)
 REPORT_READERS = 32  # concurrent reads of per-shard validation reports
@@ -173,7 +177,8 @@ def pool_frame(sources: ReleaseSources, versions: dict[str, int], columns: Seque
     filesystem, local = storage.filesystem_for(ShardOutputs.samples_root(sources.validated_uri), sources.s3)
     parquet = ds.dataset(local, filesystem=filesystem, format="parquet")
     sample_columns = ["uid", *(name for name in VALIDATED_SAMPLE_COLUMNS if name not in score_columns
-                               and (columns is None or name in ("key", "shard_id", *columns)))]
+                               and (columns is None or name in ("key", "shard_id", *columns))
+                               and (name not in OPTIONAL_SAMPLE_COLUMNS or name in parquet.schema.names))]
     samples = _frame_of(parquet.to_batches(columns=sample_columns, filter=None if uid_below is None
                                            else ds.field("uid") < uid_below), parquet.schema, sample_columns)
     frame = scores.join(samples, on="uid", how="inner", maintain_order="left")

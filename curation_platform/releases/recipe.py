@@ -22,11 +22,12 @@
     mode = "self_normalised"       # raw | self_normalised | clipped (clip_at = 10)
 
 Stage types: ``threshold`` (score, min, max), ``top_fraction`` (score, fraction, of = "pool" |
-"current", descending), ``rank_sum`` (scores, fraction, weights, of), ``is_in`` (column, values),
+"current", descending), ``datacomp_top_fraction`` (the same fields; DataComp's threshold rule, which
+keeps ``int(fraction * N) + 1`` rows plus ties: docs/baselines.md), ``rank_sum`` (scores, fraction, weights, of), ``is_in`` (column, values),
 ``intersection`` (stages = [...]), ``norm_sim_d`` (fraction, num_iters, sample_fraction, seed),
 ``dedup`` (keep = the score that picks each duplicate group's representative, kinds = ["image",
 "caption", "near"], descending), ``decontaminate`` (sets = evaluation-set names; all when absent), and
-the DataComp baseline ``basic_filter``. ``max_size`` keeps the best ``max_size`` rows by
+the DataComp baseline ``basic_filter`` (on the original image sizes). ``max_size`` keeps the best ``max_size`` rows by
 ``rank_by`` after the stages; fewer than ``min_size`` rows refuse the release.
 """
 
@@ -47,6 +48,7 @@ from curation_platform.scoring.pipeline import SCORE_COLUMNS, prompt_column
 from curation_platform.scoring.scores import WEIGHT_MODES, WeightMode
 from curation_platform.selection import (
     DEDUP_KINDS,
+    DataCompTopFraction,
     Decontaminate,
     Dedup,
     EmbeddingSource,
@@ -61,12 +63,14 @@ from curation_platform.selection import (
 )
 
 # the sample attributes a recipe may name besides the scores (basic_filter reads all of them)
-RECIPE_SAMPLE_COLUMNS = ("language", "caption_words", "caption_chars", "width", "height", "aspect_ratio")
+RECIPE_SAMPLE_COLUMNS = ("language", "caption_words", "caption_chars", "width", "height", "aspect_ratio",
+                         "original_width", "original_height")
 TARGET_SCORES = ("norm_sim_2", "norm_sim_inf")
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 STAGE_KEYS = {
     "threshold": {"score", "min", "max"},
     "top_fraction": {"score", "fraction", "of", "descending"},
+    "datacomp_top_fraction": {"score", "fraction", "of", "descending"},
     "rank_sum": {"scores", "fraction", "weights", "of", "descending"},
     "is_in": {"column", "values"},
     "intersection": {"stages"},
@@ -278,7 +282,7 @@ def _check_stage(stage: Any, where: str) -> None:
     unknown = sorted(set(stage) - STAGE_KEYS[kind] - {"type"})
     if unknown:
         raise RecipeError(f"{where} ({kind}): unknown fields {unknown}; allowed: {sorted(STAGE_KEYS[kind])}")
-    if kind in ("threshold", "top_fraction"):
+    if kind in ("threshold", "top_fraction", "datacomp_top_fraction"):
         _check_score(stage.get("score"), f"{where} ({kind}) score")
     if kind == "dedup":
         _check_score(stage.get("keep"), f"{where} (dedup) keep")
@@ -308,7 +312,7 @@ def _check_stage(stage: Any, where: str) -> None:
             raise RecipeError(f"{where} (norm_sim_d): sample_fraction must be in (0, 1], got {sample_fraction!r}")
         if not _is_integer(seed) or seed < 0:
             raise RecipeError(f"{where} (norm_sim_d): seed must be a non-negative integer, got {seed!r}")
-    if kind in ("top_fraction", "rank_sum", "norm_sim_d"):
+    if kind in ("top_fraction", "datacomp_top_fraction", "rank_sum", "norm_sim_d"):
         _check_fraction(stage.get("fraction"), f"{where} ({kind})")
     if stage.get("of", "pool") not in ("pool", "current"):
         raise RecipeError(f"{where} ({kind}): of must be 'pool' or 'current', got {stage['of']!r}")
@@ -355,7 +359,7 @@ def _walk(stages: Sequence[dict[str, Any]]):
 
 def _columns_of(stage: dict[str, Any]) -> list[str]:
     kind = stage["type"]
-    if kind in ("threshold", "top_fraction"):
+    if kind in ("threshold", "top_fraction", "datacomp_top_fraction"):
         return [stage["score"]]
     if kind == "dedup":
         return [stage["keep"]]
@@ -375,6 +379,8 @@ def _policy(stage: dict[str, Any], embeddings: EmbeddingSource | None) -> Policy
         "threshold": lambda: Threshold(stage["score"], stage.get("min"), stage.get("max")),
         "top_fraction": lambda: TopFraction(stage["score"], float(stage["fraction"]), of,
                                             stage.get("descending", True)),
+        "datacomp_top_fraction": lambda: DataCompTopFraction(stage["score"], float(stage["fraction"]), of,
+                                                             stage.get("descending", True)),
         "rank_sum": lambda: RankSum(tuple(stage["scores"]), float(stage["fraction"]),
                                     tuple(stage["weights"]) if stage.get("weights") else None, of,
                                     stage.get("descending", True)),
