@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
-from curation_platform.cli.group import main, project_layout, stack
+from curation_platform.cli.group import main, one_line, project_layout, stack
 from curation_platform.ingest import ShardReport, ingest_pool, write_ingestion
 from curation_platform.layout import ProjectLayout, ShardOutputs
 from curation_platform.pool import ChecksumCache, ShardRef, discover_shards, machine_checksum_cache
@@ -32,8 +32,17 @@ _limits_options = stack([
 def discover_with_progress(pool_uri: str, layout: ProjectLayout | None) -> list[ShardRef]:
     cache_path = (layout.checksum_cache or machine_checksum_cache()) if layout else None
     cache = ChecksumCache(cache_path) if cache_path else None
-    with tqdm(desc="discovering shards", unit="shard", file=sys.stderr, leave=False) as bar:
-        return discover_shards(pool_uri, checksum_cache=cache, on_shard=lambda _: bar.update())
+    try:
+        with tqdm(desc="discovering shards", unit="shard", file=sys.stderr, leave=False) as bar:
+            shards = discover_shards(pool_uri, checksum_cache=cache, on_shard=lambda _: bar.update())
+    except FileNotFoundError as error:
+        raise click.BadParameter(f"{pool_uri} does not exist", param_hint="POOL_URI") from error
+    except (OSError, ValueError) as error:
+        raise click.BadParameter(f"cannot read a pool at {pool_uri}: {one_line(error)}", param_hint="POOL_URI") \
+            from error
+    if not shards:
+        raise click.BadParameter(f"no shards (NAME.tar / NAME.parquet) at {pool_uri}", param_hint="POOL_URI")
+    return shards
 
 
 def _ingest(shards: list[ShardRef], limits: ValidationLimits, workers: int, out_uri: str | None) -> list[ShardReport]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from curation_platform.cli.group import HOME_HELP, main, project_layout, stack
+from curation_platform.cli.group import HOME_HELP, main, project_layout, require_tables, stack
 
 
 @main.group()
@@ -31,6 +31,7 @@ def _current_teacher_id(lance_uri: str) -> str:
     from curation_platform import lance_tables
     from curation_platform.scoring.pipeline import SCORES_TABLE
 
+    require_tables(lance_uri, [SCORES_TABLE], "run `curation-platform score` on it first")
     rows = lance_tables.connect(lance_uri).open_table(SCORES_TABLE).to_lance().to_table(columns=["teacher_id"])
     teachers = sorted(set(rows.column("teacher_id").to_pylist()))
     if len(teachers) != 1:

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
-from curation_platform.cli.group import main, stack
+from curation_platform.cli.group import main, require_tables, stack
 from curation_platform.cli.teachers import load_cli_teacher, teacher_options, teacher_spec
 
 
@@ -18,6 +18,7 @@ def _score(lance_uri: str, spec, target_uri: str | None, params, analysis_dir: P
     from curation_platform.embedding.engine import EmbedConfig
     from curation_platform.scoring.run import build_context, embed_target, score_pool
 
+    require_tables(lance_uri, ["embeddings"], "run `curation-platform embed` into it first")
     teacher = load_cli_teacher(spec)
     target = embed_target(teacher, target_uri, EmbedConfig()) if target_uri else None
     context = build_context(teacher, lance_uri, params, target)

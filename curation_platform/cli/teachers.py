@@ -9,7 +9,7 @@ from dataclasses import replace
 import click
 from tqdm import tqdm
 
-from curation_platform.cli.group import main, stack
+from curation_platform.cli.group import main, one_line, stack
 from curation_platform.cli.pool import discover_with_progress
 from curation_platform.layout import ProjectLayout
 from curation_platform.precision import PRECISIONS
@@ -48,10 +48,14 @@ def _embed(pool_uri: str, validated_uri: str, lance_uri: str, table: str, spec, 
     from curation_platform.ingest import read_accepted
 
     config = EmbedConfig(device=device, batch_size=batch_size, workers=workers)
+    try:  # every input is checked before the teacher loads or anything is written under --lance
+        jobs = [(shard, read_accepted(validated_uri, shard)) for shard in discover_with_progress(pool_uri, layout)]
+    except (OSError, ValueError) as error:
+        raise click.BadParameter(f"{one_line(error)}: run `curation-platform ingest POOL_URI --out {validated_uri}` "
+                                 "first", param_hint="'--validated'") from error
     teacher = load_cli_teacher(spec, device=config.resolved_device())
     click.echo(f"teacher {teacher.teacher_id}: {teacher.spec.describe()}, a = {teacher.logit_scale:.1f}")
     sink = LanceSink(lance_uri, table=table)
-    jobs = [(shard, read_accepted(validated_uri, shard)) for shard in discover_with_progress(pool_uri, layout)]
     started = time.perf_counter()
     with tqdm(total=sum(samples.num_rows for _, samples in jobs), desc="embedding", unit="pair",
               file=sys.stderr) as bar:
