@@ -10,7 +10,12 @@ import numpy as np
 import polars as pl
 import pytest
 
-from curation_platform.partitioned_selection import select_partitioned, split_partitionable
+from curation_platform.partitioned_selection import (
+    PartitionedPool,
+    TopCount,
+    select_partitioned,
+    split_partitionable,
+)
 from curation_platform.processes import worker_context
 from curation_platform.selection import (
     Chain,
@@ -48,6 +53,9 @@ def _pool(rows: int, seed: int, distinct: int | None = None) -> pl.DataFrame:
         "width": rng.integers(100, 400, rows), "height": rng.integers(100, 400, rows),
         "aspect_ratio": rng.uniform(1, 4, rows),
         "contaminated_by": [["demo-eval"] if flag else [] for flag in rng.random(rows) < 0.03],
+        # duplicate groups of 2-4 rows (ids shared across partitions), most rows in none
+        "dup_image": [f"i{value}" if value < rows // 8 else None for value in rng.integers(0, rows // 2, rows)],
+        "dup_near": [f"n{value}" if value < rows // 10 else None for value in rng.integers(0, rows // 2, rows)],
     })
     return frame.with_columns(pl.when(pl.int_range(pl.len()) % 11 == 0).then(None).otherwise(pl.col("clip_score"))
                               .alias("clip_score"))
@@ -70,6 +78,8 @@ RECIPES = {
     "keep-all": [IsIn("language", ("en", "de")), TopFraction("clip_score", 1.0)],
     "keep-none": [TopFraction("clip_score", 0.0)],
     "fraction-above-survivors": [Threshold("clip_score", min=1.0), TopFraction("norm_sim_inf", 0.5)],
+    "decontaminate-dedup-top": [Decontaminate(), Dedup("clip_score"), TopFraction("neg_clip_loss", 0.3)],
+    "top-then-dedup": [TopFraction("clip_score", 0.6), Dedup("neg_clip_loss", kinds=("near",), descending=False)],
 }
 
 
@@ -102,7 +112,32 @@ def test_global_stages_are_split_off() -> None:
                                              RankSum(("clip_score", "norm_sim_inf"), 0.2), Threshold("width", min=1)))
     assert len(prefix) == 7 and isinstance(rest[0], RankSum) and len(rest) == 2
     with pytest.raises(ValueError, match="is global"):
-        select_partitioned([FramePartition(_pool(10, 0))], [Dedup("clip_score")])
+        select_partitioned([FramePartition(_pool(10, 0))], [RankSum(("clip_score", "norm_sim_inf"), 0.2)])
+
+
+@pytest.mark.parametrize(("count", "descending"), [(0, True), (1, True), (137, False), (600, True), (10_000, True)])
+def test_top_count_ranks_nulls_last(count: int, descending: bool) -> None:
+    """A release's max_size bound: the best ``count`` by (score, uid), null and NaN scores last but kept."""
+    frame = _pool(700, seed=count, distinct=7)
+    pool = PartitionedPool(_partitions(frame, seed=count + 1), sketch_size=3, bracket_limit=32)
+    resolved = pool.resolve([Threshold("width", min=120), TopCount("clip_score", count, descending)], frame.height)
+    got = sorted(uid for _, uids in pool.apply(resolved) for uid in uids.to_pylist())
+    expected = (frame.filter(pl.col("width") >= 120)
+                .sort(pl.col("clip_score").fill_nan(None), "uid", descending=[descending, False], nulls_last=True)
+                .head(count)["uid"].sort().to_list())
+    assert got == expected
+
+
+def test_pass_two_writes_in_the_worker() -> None:
+    frame = _pool(900, seed=21)
+    stages = RECIPES["decontaminate-dedup-top"]
+    pool = PartitionedPool(_partitions(frame, 22), sketch_size=4, bracket_limit=64)
+    results = list(pool.apply(pool.resolve(stages, frame.height), write=lambda index, rows: (index, rows)))
+    written = pl.concat([rows for _, (_, rows) in results])
+    assert [index for _, (index, _) in results] == list(range(len(results)))
+    assert all(rows["uid"].is_sorted() for _, (_, rows) in results)
+    assert written["uid"].sort().to_list() == run_selection(frame, stages).uids.to_pylist()
+    assert set(written.columns) == set(frame.columns)
 
 
 def test_on_selected_streams_each_partitions_share() -> None:

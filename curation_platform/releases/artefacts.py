@@ -19,8 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
 from curation_platform import storage
@@ -65,12 +63,6 @@ def subset_uids(subset: np.ndarray) -> list[str]:
 
 # -- file contents ------------------------------------------------------------------------------
 
-def parquet_bytes(table: pa.Table) -> bytes:
-    sink = io.BytesIO()
-    pq.write_table(table, sink, compression="zstd")
-    return sink.getvalue()
-
-
 def npy_bytes(array: np.ndarray) -> bytes:
     sink = io.BytesIO()
     np.save(sink, array, allow_pickle=False)
@@ -81,8 +73,17 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def sha256_file(path: Path) -> str:
+    """A local file's sha256, read in 1 MiB chunks (release files can be gigabytes)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def write_checksums(staging: Path) -> None:
-    lines = [f"{sha256_hex(path.read_bytes())}  {path.relative_to(staging).as_posix()}"
+    lines = [f"{sha256_file(path)}  {path.relative_to(staging).as_posix()}"
              for path in sorted(staging.rglob("*")) if path.is_file() and path.name != CHECKSUMS]
     (staging / CHECKSUMS).write_text("\n".join(lines) + "\n")
 

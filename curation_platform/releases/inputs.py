@@ -1,8 +1,8 @@
 """What a release reads, at pinned versions: where from (:class:`ReleaseSources`), which LanceDB table
 versions (:func:`table_versions`, pinned with ``release-<name>-<version>`` tags by :func:`_pin` so
 version cleanup cannot remove them), the score provenance every score row must share, the pool frame a
-recipe selects from (scores joined with the validated sample metadata, :func:`pool_frame`,
-:func:`selection_frame`), and the input shards with the checksums they were validated from.
+recipe selects from (scores joined with the validated sample metadata, :func:`pool_frame`, one
+:class:`ShardRows` partition per shard), and the input shards with the checksums they were validated from.
 """
 
 from __future__ import annotations
@@ -156,25 +156,28 @@ def _frame_of(batches: Any, schema: pa.Schema, columns: list[str]) -> pl.DataFra
 
 
 def pool_frame(sources: ReleaseSources, versions: dict[str, int], columns: Sequence[str] | None = None,
-               uid_below: str | None = None) -> pl.DataFrame:
+               uid_below: str | None = None, shard: str | None = None) -> pl.DataFrame:
     """One row per scored sample of the teacher at the given table versions, joined with its metadata,
     sorted by uid.
 
     ``columns`` (besides uid, shard, key and shard_id, always read) projects the score and sample
     columns, so a selection holds only what its recipe reads; ``uid_below`` reads a uniform sample
-    (:func:`curation_platform.scoring.pipeline.uid_sample_bound`). The per-table constants come from
-    :func:`score_provenance`. Memory per row: BENCHMARKS.md, "Pool-wide steps".
+    (:func:`curation_platform.scoring.pipeline.uid_sample_bound`); ``shard`` reads one shard's rows
+    (a release's partition). The per-table constants come from :func:`score_provenance`. Memory per
+    row: BENCHMARKS.md, "Pool-wide steps".
     """
     dataset = _scores_at(sources, versions)
     score_columns = [name for name in dataset.schema.names
                      if name not in ("row_key", "teacher_id", *SCORE_PROVENANCE)
                      and (columns is None or name in ("uid", "shard", *columns))]
-    condition = score_filter(sources.teacher_id, uid_below=uid_below)
+    condition = score_filter(sources.teacher_id, shard=shard, uid_below=uid_below)
     scores = _frame_of(dataset.to_batches(columns=score_columns, filter=condition), dataset.schema,
                        score_columns).sort("uid")
-    if scores.height == 0 and uid_below is None:
+    if scores.height == 0 and uid_below is None and shard is None:
         raise RecipeError(f"no scores of teacher {sources.teacher_id} in {sources.lance_uri}")
-    filesystem, local = storage.filesystem_for(ShardOutputs.samples_root(sources.validated_uri), sources.s3)
+    samples_uri = (ShardOutputs.samples_root(sources.validated_uri) if shard is None
+                   else ShardOutputs.of(sources.validated_uri, shard).samples)
+    filesystem, local = storage.filesystem_for(samples_uri, sources.s3)
     parquet = ds.dataset(local, filesystem=filesystem, format="parquet")
     sample_columns = ["uid", *(name for name in VALIDATED_SAMPLE_COLUMNS if name not in score_columns
                                and (columns is None or name in ("key", "shard_id", *columns))
@@ -193,22 +196,49 @@ def available_columns(sources: ReleaseSources, versions: dict[str, int]) -> list
     return [*_scores_at(sources, versions).schema.names, *VALIDATED_SAMPLE_COLUMNS]
 
 
-def selection_frame(recipe: Recipe, sources: ReleaseSources, versions: dict[str, int]) -> pl.DataFrame:
-    """The pool frame a recipe selects from, after checking that every column it names exists.
+def shard_rows(sources: ReleaseSources, versions: dict[str, int]) -> dict[str, int]:
+    """Scored rows of the teacher per shard, counted batch by batch from the shard column alone."""
+    counts: dict[str, int] = {}
+    scanner = _scores_at(sources, versions).scanner(columns=["shard"], filter=score_filter(sources.teacher_id))
+    for batch in scanner.to_batches():
+        for row in pa.Table.from_batches([batch]).group_by("shard").aggregate([("shard", "count")]).to_pylist():
+            counts[row["shard"]] = counts.get(row["shard"], 0) + row["shard_count"]
+    if not counts:
+        raise RecipeError(f"no scores of teacher {sources.teacher_id} in {sources.lance_uri}")
+    return dict(sorted(counts.items()))
 
-    Pools up to :data:`REPORT_MAX_ROWS` are read whole, once, and the report draws on the same frame;
-    larger ones with only the recipe's columns (the report then reads its own uid sample).
-    """
+
+@dataclass(frozen=True)
+class ShardRows:
+    """One shard of the pool frame, loaded on its own by whichever worker runs a selection pass over it
+    (picklable); ``duplicates`` holds the dedup/decontaminate columns of the grouped or flagged uids."""
+
+    sources: ReleaseSources
+    versions: dict[str, int]
+    shard: str
+    columns: tuple[str, ...]
+    duplicates: pl.DataFrame | None = None
+
+    def load(self) -> pl.DataFrame:
+        frame = pool_frame(self.sources, self.versions, self.columns, shard=self.shard)
+        if self.duplicates is None:
+            return frame
+        return frame.join(self.duplicates, on="uid", how="left", maintain_order="left")
+
+
+def release_partitions(recipe: Recipe, sources: ReleaseSources, versions: dict[str, int],
+                       shards: Sequence[str]) -> list[ShardRows]:
+    """The pool a recipe selects from, one partition per shard, after checking that every column it names
+    exists; each partition reads only the recipe's columns (and what ``samples.parquet`` holds)."""
     available = available_columns(sources, versions)
     recipe.check_columns(available, [name for name in available if name.startswith("iw_")])
-    rows = _scores_at(sources, versions).count_rows(filter=score_filter(sources.teacher_id))
-    frame = pool_frame(sources, versions, None if rows <= REPORT_MAX_ROWS else recipe.scores_used())
-    return with_duplicates(recipe, frame, sources, versions) if recipe.needs_duplicates() else frame
+    duplicates = duplicate_columns(recipe, sources, versions) if recipe.needs_duplicates() else None
+    return [ShardRows(sources, versions, shard, tuple(recipe.scores_used()), duplicates) for shard in shards]
 
 
-def with_duplicates(recipe: Recipe, frame: pl.DataFrame, sources: ReleaseSources,
-                    versions: dict[str, int]) -> pl.DataFrame:
-    """The frame with the duplicate-group ids and contamination flags of the pinned duplicate tables."""
+def duplicate_columns(recipe: Recipe, sources: ReleaseSources, versions: dict[str, int]) -> pl.DataFrame:
+    """The duplicate-group ids and contamination flags of the pinned duplicate tables, per grouped or
+    flagged uid (the rows ``dedup`` and ``decontaminate`` read)."""
     if GROUPS_TABLE not in versions:
         raise RecipeError(f"recipe {recipe.name!r} has a dedup or decontaminate stage but {sources.lance_uri} has no "
                           "duplicate groups: materialise duplicate_groups (or run the main job) first")
@@ -218,22 +248,19 @@ def with_duplicates(recipe: Recipe, frame: pl.DataFrame, sources: ReleaseSources
         if unknown:
             raise RecipeError(f"recipe {recipe.name!r} decontaminates against {unknown}, not registered evaluation "
                               f"sets (registered: {registered})")
-    columns = selection_columns(read_groups(sources.lance_uri, sources.teacher_id, sources.s3, versions))
-    return frame.join(columns, on="uid", how="left", maintain_order="left")
+    return selection_columns(read_groups(sources.lance_uri, sources.teacher_id, sources.s3, versions))
 
 
-def _input_shards(frame: pl.DataFrame, sources: ReleaseSources) -> list[dict[str, Any]]:
-    """Each input shard with the content checksum it was validated from (reports read concurrently:
-    one object-store round trip each, 128,000 of them at 1.28B samples)."""
-    shards = frame.group_by("shard", "shard_id").agg(pl.len().alias("samples")).sort("shard")
-
-    def checksum(shard: str) -> str | None:
+def _input_shards(rows: dict[str, int], sources: ReleaseSources) -> list[dict[str, Any]]:
+    """Each input shard with its scored rows and the id and content checksum it was validated with
+    (reports read concurrently: one object-store round trip each, 128,000 of them at 1.28B samples)."""
+    def identity(shard: str) -> dict[str, Any]:
         report_uri = ShardOutputs.of(sources.validated_uri, shard).report
         if not storage.exists(report_uri, sources.s3):
-            return None
-        return json.loads(storage.read_bytes(report_uri, sources.s3)).get("checksum")
+            return {}
+        return json.loads(storage.read_bytes(report_uri, sources.s3))
 
     with ThreadPoolExecutor(max_workers=REPORT_READERS) as pool:
-        checksums = list(pool.map(checksum, shards["shard"].to_list()))
-    return [{"shard": shard, "shard_id": shard_id, "checksum": value, "samples": samples}
-            for (shard, shard_id, samples), value in zip(shards.iter_rows(), checksums)]
+        reports = list(pool.map(identity, rows))
+    return [{"shard": shard, "shard_id": report.get("shard_id"), "checksum": report.get("checksum"),
+             "samples": samples} for (shard, samples), report in zip(rows.items(), reports, strict=True)]

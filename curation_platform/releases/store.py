@@ -8,23 +8,24 @@ read and publishes the folder; this module owns the manifest and the report's or
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import io
 import itertools
 import json
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import polars as pl
-import pyarrow as pa
 
 from curation_platform import __version__, storage
-from curation_platform.embedding.sinks import EMBEDDINGS_TABLE
+from curation_platform.processes import worker_context
 from curation_platform.releases import inputs
-from curation_platform.releases.apply_recipe import _cutoffs, _samples_table, select
+from curation_platform.releases.apply_recipe import Selected, select, write_samples
 from curation_platform.releases.artefacts import (
     CHECKSUMS,
     EXCLUDED,
@@ -33,11 +34,9 @@ from curation_platform.releases.artefacts import (
     SUBSET,
     _git_commit,
     next_version,
-    npy_bytes,
-    parquet_bytes,
     publish_folder,
+    sha256_file,
     sha256_hex,
-    subset_array,
     versions_of,
     write_checksums,
 )
@@ -46,14 +45,13 @@ from curation_platform.releases.inputs import (
     _input_shards,
     _pin,
     _tag,
+    duplicate_columns,
     pool_frame,
     score_provenance,
-    selection_frame,
     table_versions,
 )
 from curation_platform.releases.recipe import Recipe
 from curation_platform.scoring.pipeline import uid_sample_bound
-from curation_platform.selection import SelectionResult
 from curation_platform.storage import S3Settings
 
 PUBLISH_ATTEMPTS = 8  # concurrent creators of one recipe publish consecutive versions
@@ -80,6 +78,7 @@ class ReleaseOptions:
     labels: pl.DataFrame | None = None  # evaluation-only labels (uid, label) shown in the report
     parent: dict[str, Any] | None = None
     exclude: tuple[str, ...] = ()
+    workers: int = 1  # processes for the per-shard selection passes
     fail_before_publish: Callable[[], None] | None = None  # tests inject crashes here
 
 
@@ -87,47 +86,48 @@ class ReleaseOptions:
 
 def create_release(recipe: Recipe, sources: ReleaseSources, releases_uri: str,
                    options: ReleaseOptions = ReleaseOptions(), versions: dict[str, int] | None = None) -> Release:
-    """Select, write every file into a local staging folder, pin the table versions, publish."""
+    """Select shard by shard, write every file into a local staging folder, pin the table versions, publish."""
     versions = versions or table_versions(sources)
     provenance = score_provenance(sources, versions)
-    frame = selection_frame(recipe, sources, versions)
-    selection, uids = select(recipe, frame, sources, provenance, versions.get(EMBEDDINGS_TABLE))
-    if options.exclude:
-        uids = uids.filter(~uids.is_in(list(options.exclude)))
-    samples = _samples_table(recipe, frame, uids)
-    funnel = [stage._asdict() for stage in selection.funnel]
-    if recipe.max_size is not None or options.exclude:
-        funnel.append({"stage": "size bounds and exclusions", "rows": samples.num_rows})
-    for attempt in range(PUBLISH_ATTEMPTS):
-        version = next_version(releases_uri, recipe.name, sources.s3)
-        try:
-            uri, manifest = _stage_and_publish(recipe, sources, releases_uri, options, versions, provenance, frame,
-                                               selection, samples, funnel, version)
-            break
-        except FileExistsError:  # another writer published this version first: take the next one
-            if attempt == PUBLISH_ATTEMPTS - 1:
-                raise
+    with tempfile.TemporaryDirectory(prefix="release-selection-") as scratch, _executor(options.workers) as executor:
+        selected = select(recipe, sources, versions, provenance, Path(scratch), options.exclude, executor)
+        for attempt in range(PUBLISH_ATTEMPTS):
+            version = next_version(releases_uri, recipe.name, sources.s3)
+            try:
+                uri, manifest = _stage_and_publish(recipe, sources, releases_uri, options, versions, provenance,
+                                                   selected, version)
+                break
+            except FileExistsError:  # another writer published this version first: take the next one
+                if attempt == PUBLISH_ATTEMPTS - 1:
+                    raise
     return Release(uri, recipe.name, version, manifest)
 
 
+@contextlib.contextmanager
+def _executor(workers: int) -> Iterator[Executor | None]:
+    """Worker processes for the per-shard selection passes (None: run them in this process)."""
+    if workers <= 1:
+        yield None
+        return
+    with ProcessPoolExecutor(workers, mp_context=worker_context()) as executor:
+        yield executor
+
+
 def _stage_and_publish(recipe: Recipe, sources: ReleaseSources, releases_uri: str, options: ReleaseOptions,
-                       versions: dict[str, int], provenance: dict[str, Any], frame: pl.DataFrame,
-                       selection: SelectionResult, samples: pa.Table, funnel: list[dict],
+                       versions: dict[str, int], provenance: dict[str, Any], selected: Selected,
                        version: int) -> tuple[str, dict[str, Any]]:
     """Write every file of ``version`` into a local staging folder, pin the tables, publish in one step."""
     with tempfile.TemporaryDirectory(prefix="release-") as scratch:
         staging = Path(scratch)
-        samples_bytes = parquet_bytes(samples)
-        (staging / SAMPLES).write_bytes(samples_bytes)
-        (staging / SUBSET).write_bytes(npy_bytes(subset_array(samples.column("uid").to_pylist())))
+        write_samples(recipe, selected, staging / SAMPLES, staging / SUBSET)
         recipe_file = f"recipe{'.yaml' if recipe.text.lstrip().startswith(('name:', '---')) else '.toml'}"
         (staging / recipe_file).write_text(recipe.text)
         if options.exclude:
             (staging / EXCLUDED).write_text("\n".join(sorted(options.exclude)) + "\n")
-        manifest = _manifest(recipe, recipe_file, sources, versions, provenance, frame, selection, funnel, samples,
-                             version, sha256_hex(samples_bytes), options)
+        manifest = _manifest(recipe, recipe_file, sources, versions, provenance, selected, version,
+                             sha256_file(staging / SAMPLES), options)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        _write_report(staging, recipe, frame, samples, funnel, manifest, sources, versions, options.labels)
+        _write_report(staging, recipe, selected, manifest, sources, versions, options.labels)
         write_checksums(staging)
         if options.fail_before_publish:
             options.fail_before_publish()
@@ -136,8 +136,8 @@ def _stage_and_publish(recipe: Recipe, sources: ReleaseSources, releases_uri: st
 
 
 def _manifest(recipe: Recipe, recipe_file: str, sources: ReleaseSources, versions: dict[str, int],
-              provenance: dict[str, Any], frame: pl.DataFrame, selection: SelectionResult, funnel: list[dict],
-              samples: pa.Table, version: int, samples_sha256: str, options: ReleaseOptions) -> dict[str, Any]:
+              provenance: dict[str, Any], selected: Selected, version: int, samples_sha256: str,
+              options: ReleaseOptions) -> dict[str, Any]:
     exclude_text = "\n".join(sorted(options.exclude)) + "\n" if options.exclude else None
     return {
         "release_id": f"{recipe.name}-{version}-{samples_sha256[:12]}",
@@ -151,14 +151,14 @@ def _manifest(recipe: Recipe, recipe_file: str, sources: ReleaseSources, version
         "sources": sources.describe(),
         "lancedb_tables": {name: {"version": number, "tag": _tag(recipe.name, version)}
                            for name, number in sorted(versions.items())},
-        "input_shards": _input_shards(frame, sources),
+        "input_shards": _input_shards(selected.shard_rows, sources),
         "package_version": __version__,
         "git_commit": _git_commit(),
         "run_id": options.run_id,
-        "policies": selection.policies,
-        "funnel": funnel,
-        "selected": samples.num_rows,
-        "pool_rows": frame.height,
+        "policies": selected.selection.policies,
+        "funnel": selected.funnel,
+        "selected": selected.count,
+        "pool_rows": selected.pool_rows,
         "weights": None if recipe.weights is None else {"prompt": recipe.weights.prompt,
                                                           "column": recipe.weights.column,
                                                           "mode": recipe.weights.mode,
@@ -173,19 +173,21 @@ def _manifest(recipe: Recipe, recipe_file: str, sources: ReleaseSources, version
 
 # -- the report ---------------------------------------------------------------------------------
 
-def _write_report(staging: Path, recipe: Recipe, frame: pl.DataFrame, samples: pa.Table, funnel: list[dict],
-                  manifest: dict[str, Any], sources: ReleaseSources, versions: dict[str, int],
-                  labels: pl.DataFrame | None) -> None:
+def _write_report(staging: Path, recipe: Recipe, selected: Selected, manifest: dict[str, Any],
+                  sources: ReleaseSources, versions: dict[str, int], labels: pl.DataFrame | None) -> None:
     """The report: its pool-wide figures read every column of a uniform uid sample of at most
     :data:`inputs.REPORT_MAX_ROWS` pool rows (all of them below that), so its memory stays bounded."""
     from curation_platform.releases.report import write_report
 
-    uids = pl.Series("uid", samples.column("uid").to_pylist(), dtype=pl.String)
-    uid_below = uid_sample_bound(frame.height, inputs.REPORT_MAX_ROWS)
-    pool = frame if uid_below is None else pool_frame(sources, versions, uid_below=uid_below)
-    shown = uids if uid_below is None else uids.filter(uids < uid_below)
+    uid_below = uid_sample_bound(selected.pool_rows, inputs.REPORT_MAX_ROWS)
+    pool = pool_frame(sources, versions, uid_below=uid_below)
+    if recipe.needs_duplicates():
+        pool = pool.join(duplicate_columns(recipe, sources, versions), on="uid", how="left", maintain_order="left")
+    shown = pl.read_parquet(staging / SAMPLES, columns=["uid"])["uid"]
+    if uid_below is not None:
+        shown = shown.filter(shown < uid_below)
     stages = [{"stage": stage["stage"], "rows_in": previous["rows"], "rows_out": stage["rows"]}
-              for previous, stage in itertools.pairwise(funnel)]
+              for previous, stage in itertools.pairwise(selected.funnel)]
     summary = {key: manifest[key] for key in ("release_id", "teacher_id", "reference_id", "target_id",
                                               "pool_rows", "selected")}
     summary["recipe_sha256"] = manifest["recipe"]["sha256"]
@@ -193,10 +195,10 @@ def _write_report(staging: Path, recipe: Recipe, frame: pl.DataFrame, samples: p
         summary["figures_from"] = (f"a uniform sample of {pool.height:,} pool rows (uid < '{uid_below}'), "
                                    f"{shown.len():,} of them selected")
     write_report(staging / "report", title=f"Release {manifest['release_id']}", pool=pool, selected_uids=shown,
-                 funnel=stages, cutoffs=_cutoffs(recipe, frame, uids),
-                 load_images=_image_loader(pool, sources), manifest_summary=summary)
+                 funnel=stages, cutoffs=selected.cutoffs, load_images=_image_loader(pool, sources),
+                 manifest_summary=summary)
     if labels is not None:
-        _append_label_composition(staging / "report" / "report.md", frame, uids, labels)
+        _append_label_composition(staging / "report" / "report.md", pool, shown, labels)
 
 
 def _image_loader(frame: pl.DataFrame, sources: ReleaseSources) -> Callable[[list[str]], dict[str, bytes]]:

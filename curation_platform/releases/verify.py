@@ -8,26 +8,25 @@ score distributions.
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import polars as pl
 import pyarrow as pa
 
 from curation_platform import lance_tables, storage
-from curation_platform.embedding.sinks import EMBEDDINGS_TABLE
-from curation_platform.releases.apply_recipe import _samples_table, select
+from curation_platform.releases.apply_recipe import select, write_samples
 from curation_platform.releases.artefacts import (
     EXCLUDED,
     MANIFEST,
     SAMPLES,
     SUBSET,
     check_checksums,
-    npy_bytes,
     sha256_hex,
-    subset_array,
 )
-from curation_platform.releases.inputs import ReleaseSources, score_provenance, selection_frame
+from curation_platform.releases.inputs import ReleaseSources, score_provenance
 from curation_platform.releases.recipe import parse_recipe
 from curation_platform.releases.store import Release, ReleaseOptions, create_release, open_release, read_samples
 from curation_platform.storage import S3Settings
@@ -86,15 +85,17 @@ def verify_release(release_uri: str, s3: S3Settings | None = None, rederive: boo
             problems.append(f"re-derivation failed: {' '.join(str(error).split())[:300]}")
             derived = None
         if stored is not None and derived is not None:
-            stored_uids, derived_uids = set(stored["uid"].to_list()), set(derived["uid"].to_list())
+            derived_samples, derived_subset = derived
+            stored_uids, derived_uids = set(stored["uid"].to_list()), set(derived_samples["uid"].to_list())
             same = stored_uids == derived_uids
             added, removed = len(stored_uids - derived_uids), len(derived_uids - stored_uids)
-            problems += _compare_files(release, stored, derived, s3)
+            problems += _compare_files(release, stored, derived_samples, derived_subset, s3)
     return Verification(release_id, files.checked, files.mismatched, files.missing, files.unlisted, same,
                         added, removed, pins_missing, files.malformed, problems)
 
 
-def _compare_files(release: Release, stored: pl.DataFrame, derived: pl.DataFrame, s3: S3Settings | None) -> list[str]:
+def _compare_files(release: Release, stored: pl.DataFrame, derived: pl.DataFrame, derived_subset: bytes,
+                   s3: S3Settings | None) -> list[str]:
     """What a consistent edit (files and SHA256SUMS rewritten together) changes: the samples' rows, the
     subset DataComp reads, and the content hash that names the release."""
     problems = []
@@ -102,7 +103,7 @@ def _compare_files(release: Release, stored: pl.DataFrame, derived: pl.DataFrame
         problems.append(f"{SAMPLES}: its rows differ from the re-derived ones")
     try:
         subset = storage.read_bytes(storage.join(release.uri, SUBSET), s3)
-        if subset != npy_bytes(subset_array(sorted(derived["uid"].to_list()))):
+        if subset != derived_subset:
             problems.append(f"{SUBSET}: differs from the re-derived selection")
     except OSError:
         problems.append(f"{SUBSET}: missing")
@@ -135,20 +136,23 @@ def _missing_pins(release: Release, s3: S3Settings | None) -> list[str]:
     return missing
 
 
-def _rederive(release: Release, s3: S3Settings | None) -> pl.DataFrame:
-    """The samples table the recipe gives on the pinned tables (without the release's exclusions)."""
+def _rederive(release: Release, s3: S3Settings | None) -> tuple[pl.DataFrame, bytes]:
+    """The samples table and subset.npy the recipe gives on the pinned tables (with the release's
+    exclusions), made by the same shard-by-shard path as the release."""
     manifest = release.manifest
     recipe = parse_recipe(manifest["recipe"]["text"], manifest["recipe"]["file"].endswith(".yaml"))
     sources = ReleaseSources(**manifest["sources"], s3=s3)
     versions = {name: entry["version"] for name, entry in manifest["lancedb_tables"].items()}
-    frame = selection_frame(recipe, sources, versions)
-    _, uids = select(recipe, frame, sources, score_provenance(sources, versions), versions.get(EMBEDDINGS_TABLE))
+    excluded: list[str] = []
     if manifest.get("exclusions"):
-        excluded = set(storage.read_bytes(storage.join(release.uri, EXCLUDED), s3).decode().split())
-        uids = uids.filter(~uids.is_in(list(excluded)))
-    samples = pl.from_arrow(_samples_table(recipe, frame, uids))
-    assert isinstance(samples, pl.DataFrame)
-    return samples
+        excluded = sorted(set(storage.read_bytes(storage.join(release.uri, EXCLUDED), s3).decode().split()))
+    with tempfile.TemporaryDirectory(prefix="release-verify-") as scratch:
+        folder = Path(scratch)
+        (folder / "selection").mkdir()
+        selected = select(recipe, sources, versions, score_provenance(sources, versions), folder / "selection",
+                          excluded)
+        written = write_samples(recipe, selected, folder / SAMPLES, folder / SUBSET)
+        return pl.read_parquet(written.samples), written.subset.read_bytes()
 
 
 def derive_release(parent_uri: str, exclude: list[str], releases_uri: str, s3: S3Settings | None = None,

@@ -376,7 +376,8 @@ WeightMode = Literal["raw", "self_normalised", "clipped"]
 WEIGHT_MODES: tuple[WeightMode, ...] = get_args(WeightMode)
 
 
-def normalise_log_weights(log_weights: np.ndarray, mode: WeightMode = "raw", clip_at: float = 10.0) -> np.ndarray:
+def normalise_log_weights(log_weights: np.ndarray, mode: WeightMode = "raw", clip_at: float = 10.0,
+                          log_mean: float | None = None) -> np.ndarray:
     """Importance weights from their float64 logs in one of the :data:`WEIGHT_MODES` (the one place they are
     defined: :func:`importance_weights` and a release's weights both call it).
 
@@ -384,14 +385,16 @@ def normalise_log_weights(log_weights: np.ndarray, mode: WeightMode = "raw", cli
     computed in log space (``logaddexp`` reduction) so large log weights cannot overflow; ``clipped``
     caps the self-normalised weight at ``clip_at``. numpy, not torch: release weights are written to a
     checksummed ``samples.parquet`` and must keep their bits (torch's ``logsumexp`` differs in the last
-    bits from numpy's ``logaddexp.reduce``).
+    bits from numpy's ``logaddexp.reduce``). ``log_mean`` gives the mean's log when ``log_weights`` are one
+    batch of a larger set (a release written in streamed batches).
     """
     if mode not in WEIGHT_MODES:
         raise ValueError(f"mode must be raw, self_normalised or clipped, got {mode!r}")
     log_weights = np.asarray(log_weights, dtype=np.float64)
     if mode == "raw":
         return np.exp(log_weights)
-    log_mean = np.logaddexp.reduce(log_weights) - np.log(max(len(log_weights), 1))
+    if log_mean is None:
+        log_mean = np.logaddexp.reduce(log_weights) - np.log(max(len(log_weights), 1))
     normalised = np.exp(log_weights - log_mean)
     if mode == "clipped":
         normalised = np.minimum(normalised, clip_at)
