@@ -21,6 +21,7 @@ from curation_platform_dagster.defs.duplicates import (
 from curation_platform_dagster.defs.embeddings import embeddings, embeddings_meet_expectations
 from curation_platform_dagster.defs.evaluation import evaluation_asset
 from curation_platform_dagster.defs.ingestion import (
+    SHARD_PIPELINE,
     quarantine_rate_within_bound,
     samples_meet_expectations,
     shard_discovery_sensor,
@@ -44,16 +45,20 @@ from curation_platform_dagster.defs.scoring import (
     shard_scores,
     statistics_are_sane,
 )
+from curation_platform_dagster.defs.sources import located
 from curation_platform_dagster.defs.teachers import no_progress, teacher, teacher_gate
 
 automation_sensor = dg.AutomationConditionSensorDefinition(
     "curation_automation", target=dg.AssetSelection.all(), minimum_interval_seconds=30,
     default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Embeds, scores and deduplicates each newly ingested shard once its checks pass, and refreshes "
+                "the pool's statistics hourly; its runs are listed by the assets they materialise.",
 )
 
-
+# Every run the sensors or a person launches goes through one of these (the main job as well), so the runs
+# list says what each run did.
 shard_pipeline = dg.define_asset_job(
-    "shard_pipeline", selection=[validated_samples, embeddings, shard_scores, duplicate_pairs],
+    SHARD_PIPELINE, selection=[validated_samples, embeddings, shard_scores, duplicate_pairs],
     description="Ingest, embed, score and deduplicate shards: the job behind CLI backfills and single-shard retries.",
 )
 teacher_and_references = dg.define_asset_job(
@@ -67,6 +72,11 @@ pool_statistics = dg.define_asset_job(
 releases_job = dg.define_asset_job(
     "releases", selection=dg.AssetSelection.groups("releases"),
     description="Publish one new release version of every recipe (each verified by its checks).",
+)
+evaluations_job = dg.define_asset_job(
+    "evaluations", selection=dg.AssetSelection.groups("evaluation"),
+    description="Train students on the latest release of a recipe and on its baselines, and benchmark them "
+                "(hours on GPUs at DataComp scales: select the recipes to evaluate).",
 )
 
 
@@ -92,11 +102,11 @@ def build_definitions(settings: dict | None = None, resources: dict | None = Non
     evaluations = [evaluation_asset(recipe, release, recipe.name in in_main_job)
                    for recipe, release in zip(recipes, releases, strict=True)]
     return dg.Definitions(
-        assets=[validated_samples, teacher, embeddings, reference_sample, normsim_target, shard_scores,
+        assets=[*located(resources), validated_samples, teacher, embeddings, reference_sample, normsim_target, shard_scores,
                 score_statistics, eval_set_embeddings, image_index, duplicate_pairs, duplicate_groups,
                 *releases, *evaluations],
         asset_checks=checks,
-        jobs=[shard_pipeline, teacher_and_references, pool_statistics, releases_job],
+        jobs=[shard_pipeline, teacher_and_references, pool_statistics, releases_job, evaluations_job],
         sensors=[shard_discovery_sensor, automation_sensor],
         resources=resources,
     )

@@ -1,23 +1,28 @@
-"""The whole asset graph on a small demo pool: row counts, checks, blocking, incremental automation."""
+"""The whole asset graph: its sources, jobs and checks, then on a small demo pool: row counts, checks,
+blocking, incremental automation."""
 
 from __future__ import annotations
 
 import datetime as dt
+import re
 import shutil
 from pathlib import Path
 
 import dagster as dg
+import pytest
 
 from curation_platform.evaluation import scales
 from curation_platform.evaluation.benchmark_sets import build_demo_benchmarks
 from curation_platform_dagster.definitions import build_definitions, defs
-from curation_platform_dagster.defs.ingestion import shard_discovery_sensor
+from curation_platform_dagster.defs.automation import once_available
+from curation_platform_dagster.defs.ingestion import shard_discovery_sensor, shard_partitions
 from curation_platform_dagster.defs.resources import (
     EvaluationResource,
     PlatformResource,
     ScoringResource,
     TeacherResource,
 )
+from curation_platform_dagster.defs.sources import raw_pool
 from curation_platform_dagster.local_run import materialize_graph
 from tests.helpers.demo import build_small_demo_pool
 from tests.helpers.teachers import TINY_STUDENT, tiny_teacher_dir
@@ -27,6 +32,12 @@ GLOBAL = ("teacher", "reference_sample", "normsim_target", "score_statistics", "
           "image_index", "duplicate_groups")
 PROMPT = "a photo of a geometric shape"
 RECIPE = 'name = "clip-top"\n[[stage]]\ntype = "top_fraction"\nscore = "clip_score"\nfraction = 0.5\n'
+SOURCES = {"raw_pool": {"validated_samples"}, "reference_split": {"teacher"}, "target_split": {"normsim_target"},
+           "evaluation_sets": {"eval_set_embeddings"}, "benchmarks": {"evaluation_clip_top"}}
+JOBS = {"shard_pipeline", "teacher_and_references", "pool_statistics", "releases", "evaluations"}
+RELEASE_CHECKS = {"release_verifies", "funnel_reconciles", "size_within_bounds"}
+CLASS_NAME = re.compile(r"\b[A-Z][a-z]+(?:[A-Z][a-z0-9]+)+")  # GreatExpectations, ExpectColumnValuesToBeBetween
+SCORE_NAMES = {"NormSim"}  # a score's name (SCORES.md), not code
 
 
 def test_definitions_validate() -> None:
@@ -38,6 +49,67 @@ def test_definitions_validate() -> None:
     assert {"shard_reconciles", "samples_meet_expectations", "embeddings_meet_expectations",
             "scores_meet_expectations", "statistics_are_sane", "quarantine_rate_within_bound", "uids_kept_once",
             "duplicate_groups_are_consistent"} <= checks
+
+
+def _located(tmp_path: Path) -> dg.Definitions:
+    """The graph of a home with one recipe and a NormSim target (nothing but the recipe is read)."""
+    recipes = tmp_path / "home" / "recipes"
+    recipes.mkdir(parents=True)
+    (recipes / "clip.toml").write_text(RECIPE)
+    (tmp_path / "target").mkdir()
+    platform = PlatformResource(home_uri=str(tmp_path / "home"), pool_uri=str(tmp_path / "pool"))
+    return build_definitions({}, {"platform": platform, "scoring": ScoringResource(target_uri=str(tmp_path / "target"))})
+
+
+def test_lineage_starts_at_the_external_sources(tmp_path: Path) -> None:
+    graph = _located(tmp_path).resolve_asset_graph()
+    for source, readers in SOURCES.items():
+        node = graph.get(dg.AssetKey(source))
+        assert node.is_external and not node.is_materializable and node.description and node.kinds
+        assert {key.to_user_string() for key in node.child_keys} == readers, source
+    pool = graph.get(raw_pool.key)
+    assert pool.partitions_def == graph.get(dg.AssetKey("validated_samples")).partitions_def, "shard by shard"
+    assert pool.metadata["uri"].value == str(tmp_path / "pool")
+    assert graph.get(dg.AssetKey("reference_split")).metadata["uri"].value == str(tmp_path / "pool"), "no trusted split"
+    assert graph.get(dg.AssetKey("target_split")).metadata["uri"].value == str(tmp_path / "target")
+
+
+@pytest.mark.filterwarnings("ignore::dagster.BetaWarning")  # raised inside Dagster's own condition tester
+def test_automation_does_not_wait_for_external_sources() -> None:
+    @dg.asset(partitions_def=shard_partitions, deps=[raw_pool], automation_condition=once_available())
+    def reads_the_pool() -> None: ...
+
+    toy = dg.Definitions(assets=[raw_pool, reads_the_pool])
+    instance = dg.DagsterInstance.ephemeral()
+    first = dg.evaluate_automation_conditions(toy, instance)
+    instance.add_dynamic_partitions(shard_partitions.name, ["00000"])
+    second = dg.evaluate_automation_conditions(toy, instance, cursor=first.cursor)
+    assert second.get_requested_partitions(reads_the_pool.key) == {"00000"}, "Dagster never records the pool"
+
+
+def test_every_run_goes_through_a_named_job(tmp_path: Path) -> None:
+    loaded = _located(tmp_path)
+    assert {job.name for job in loaded.jobs} == JOBS
+    owners: dict[str, list[str]] = {}
+    for name in JOBS:
+        for key in loaded.resolve_job_def(name).asset_layer.selected_asset_keys:
+            owners.setdefault(key.to_user_string(), []).append(name)
+    materializable = {key.to_user_string() for key in loaded.resolve_asset_graph().materializable_asset_keys}
+    assert set(owners) == materializable and all(len(jobs) == 1 for jobs in owners.values()), owners
+    # Declarative automation launches Dagster's own asset job, which the UI lists by the assets it ran.
+    launching = [sensor for sensor in loaded.sensors if not isinstance(sensor, dg.AutomationConditionSensorDefinition)]
+    assert launching and all(sensor.job_name in JOBS for sensor in launching)
+    assert all(schedule.job_name in JOBS for schedule in loaded.schedules or [])
+
+
+def test_checks_speak_the_users_language(tmp_path: Path) -> None:
+    graph = _located(tmp_path).resolve_asset_graph()
+    assert {key.name for key in graph.asset_check_keys if key.asset_key == dg.AssetKey("release_clip_top")} \
+        == RELEASE_CHECKS
+    for key in graph.asset_check_keys:
+        description = graph.get_check_spec(key).description or ""
+        assert description and "Great Expectations" not in description, key.to_user_string()
+        assert set(CLASS_NAME.findall(description)) <= SCORE_NAMES, (key.to_user_string(), description)
 
 
 def _graph(tmp_path: Path, demo_pool_dir: Path) -> tuple[dg.Definitions, Path]:
@@ -148,6 +220,7 @@ def test_whole_graph_then_only_the_new_shard(tmp_path: Path, demo_pool_dir: Path
     _new_shard(pool, "00002", tmp_path / "more")
     sensor = shard_discovery_sensor(dg.build_sensor_context(instance=instance, resources=graph.resources))
     assert [request.partition_key for request in sensor.run_requests] == ["00002"], "ingested shards are not re-run"
+    assert sensor.run_requests[0].asset_selection == [dg.AssetKey("validated_samples")], "ingestion only"
     instance.add_dynamic_partitions("shards", list(sensor.dynamic_partitions_requests[0].partition_keys))
     assert dg.materialize([*graph.assets, *graph.asset_checks], selection=["validated_samples"],
                           partition_key="00002", instance=instance, resources=graph.resources).success

@@ -2,6 +2,8 @@
 
 import dagster as dg
 
+from curation_platform_dagster.defs.sources import EXTERNAL
+
 STATISTICS_CRON = "0 * * * *"
 
 
@@ -11,8 +13,11 @@ def per_shard() -> dg.AutomationCondition:
 
 
 def once_available() -> dg.AutomationCondition:
-    """A global artefact is made once its inputs exist, then only on request (it pins every shard's scores)."""
-    return dg.AutomationCondition.on_missing()
+    """A global artefact is made once its inputs exist, then only on request (it pins every shard's scores).
+
+    External inputs are never recorded by Dagster: counted as missing, they would hold it back forever.
+    """
+    return dg.AutomationCondition.on_missing().ignore(EXTERNAL)
 
 
 def on_statistics_cron() -> dg.AutomationCondition:

@@ -35,6 +35,7 @@ from curation_platform_dagster.defs.ingestion import shard_partitions
 from curation_platform_dagster.defs.quality import check_result
 from curation_platform_dagster.defs.resources import DuplicatesResource, PlatformResource, TeacherResource
 from curation_platform_dagster.defs.scoring import ALL_SHARDS
+from curation_platform_dagster.defs.sources import evaluation_sets
 from curation_platform_dagster.defs.teachers import latest_metadata, teacher, teacher_id_of
 
 NEAR_SHARE_WARNING = 0.5  # above this share of the pool in near groups, the teacher or eps is suspect
@@ -45,7 +46,7 @@ def _png_markdown(name: str, png: bytes) -> dg.MetadataValue:
 
 
 @dg.asset(
-    deps=[teacher],
+    deps=[teacher, evaluation_sets],
     group_name="duplicates",
     code_version="evaluation-sets-v1",
     kinds={"lancedb", "pytorch"},
@@ -187,8 +188,9 @@ def duplicate_groups(context: dg.AssetExecutionContext, platform: PlatformResour
 
 
 @dg.asset_check(asset=duplicate_groups, blocking=True,
-                description="Great Expectations: every group member has an embedding of the teacher, groups of a "
-                            "kind are disjoint, every group has two or more members, similarities are cosines.")
+                description="Every member of a duplicate group has an embedding from the current teacher, no sample is in "
+                            "two groups of the same kind, every group has at least two members and every "
+                            "similarity is a valid cosine: releases drop duplicates by these groups.")
 def duplicate_groups_are_consistent(context: dg.AssetCheckExecutionContext,
                                     platform: PlatformResource) -> dg.AssetCheckResult:
     teacher_id = teacher_id_of(context)

@@ -57,8 +57,9 @@ def embeddings(context: dg.AssetExecutionContext, platform: PlatformResource,
 
 
 @dg.asset_check(asset=embeddings, partitions_def=shard_partitions, blocking=True,
-                description="Great Expectations: one finite, unit-norm embedding pair of the right dimension per "
-                            "accepted sample, and nothing else.")
+                description="Exactly one image and one text embedding per accepted sample of the shard, each finite, "
+                            "of unit length and of the teacher's dimension: scores computed from anything else "
+                            "would be meaningless, so the shard is not scored.")
 def embeddings_meet_expectations(context: dg.AssetCheckExecutionContext, platform: PlatformResource,
                                  teacher_config: TeacherResource) -> dg.AssetCheckResult:
     shard = platform.recorded_shard(context.partition_key)

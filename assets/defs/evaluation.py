@@ -16,6 +16,7 @@ from curation_platform.evaluation.evaluate import evaluate_release, project_benc
 from curation_platform.evaluation.record import write_leaderboard
 from curation_platform.releases import Recipe
 from curation_platform_dagster.defs.resources import EvaluationResource, PlatformResource
+from curation_platform_dagster.defs.sources import benchmarks
 
 GPU_POOL = "gpu"
 IN_MAIN_JOB = "curation/main_job"
@@ -33,7 +34,7 @@ def evaluation_asset(recipe: Recipe, release: dg.AssetsDefinition, in_main_job: 
 
     @dg.asset(
         name=release.key.path[-1].replace("release_", "evaluation_", 1),
-        deps=[release],
+        deps=[release, benchmarks],
         group_name="evaluation",
         pool=GPU_POOL,
         kinds={"pytorch"},
@@ -44,11 +45,11 @@ def evaluation_asset(recipe: Recipe, release: dg.AssetsDefinition, in_main_job: 
     def _evaluation(context: dg.AssetExecutionContext, platform: PlatformResource,
                     evaluation: EvaluationResource) -> dg.MaterializeResult:
         try:
-            benchmarks = project_benchmarks(platform.layout, evaluation.benchmarks_uri)
+            benchmark_sets = project_benchmarks(platform.layout, evaluation.benchmarks_uri)
         except ValueError as error:
             raise dg.Failure(str(error)) from error
         evaluated = evaluate_release(
-            _release_uri(context, release), platform.layout.evaluations, evaluation.eval_scale(), benchmarks,
+            _release_uri(context, release), platform.layout.evaluations, evaluation.eval_scale(), benchmark_sets,
             seeds=evaluation.seed_list(), baselines=evaluation.baselines, device=evaluation.device, s3=platform.s3,
             on_run=lambda run: context.log.info(f"{run['arm']} seed {run['seed']}: {run['metrics']}"))
         record = evaluated.record

@@ -13,12 +13,14 @@ from curation_platform.quality import quarantine_suite, validated_samples_suite
 from curation_platform.uid_registry import LanceUidRegistry
 from curation_platform_dagster.defs.quality import check_result
 from curation_platform_dagster.defs.resources import PlatformResource
+from curation_platform_dagster.defs.sources import raw_pool, shard_partitions
 
-shard_partitions = dg.DynamicPartitionsDefinition(name="shards")
+SHARD_PIPELINE = "shard_pipeline"  # the job the discovery sensor launches ingestion runs through
 
 
 @dg.asset(
     partitions_def=shard_partitions,
+    deps=[raw_pool],
     group_name="ingestion",
     code_version="ingest-v1",
     kinds={"parquet"},
@@ -74,7 +76,9 @@ def _read(uri: str, platform: PlatformResource):
 
 
 @dg.asset_check(asset=validated_samples, partitions_def=shard_partitions, blocking=True,
-                description="accepted + quarantined equals every sample the shard mentions; no shard-level errors.")
+                description="Every sample the shard lists is either accepted or quarantined, none lost or counted twice, "
+                            "and the shard's files were read without errors: otherwise its counts cannot be "
+                            "trusted and nothing downstream of it runs.")
 def shard_reconciles(context: dg.AssetCheckExecutionContext, platform: PlatformResource) -> dg.AssetCheckResult:
     report = _report(platform, context.partition_key)
     reconciles = report["accepted"] + report["quarantined"] == report["total"]
@@ -86,8 +90,9 @@ def shard_reconciles(context: dg.AssetCheckExecutionContext, platform: PlatformR
 
 
 @dg.asset_check(asset=validated_samples, partitions_def=shard_partitions, blocking=True,
-                description="Great Expectations: sample schema, no nulls, sizes/captions/languages within the "
-                            "validation limits, unique well-formed uids; known quarantine reason codes.")
+                description="Accepted samples have every expected column and no empty values, image sizes, caption "
+                            "lengths and languages within the validation limits and unique, well-formed uids; "
+                            "every quarantined sample carries a known reason. A shard that fails is not embedded.")
 def samples_meet_expectations(context: dg.AssetCheckExecutionContext,
                               platform: PlatformResource) -> dg.AssetCheckResult:
     outputs = platform.layout.shard_outputs(context.partition_key)
@@ -136,9 +141,10 @@ def _ingested_version(instance: dg.DagsterInstance, partition_key: str) -> str |
     return records[0].asset_materialization.tags.get("dagster/data_version") if records else None
 
 
-@dg.sensor(target=[validated_samples], minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.RUNNING)
+@dg.sensor(job_name=SHARD_PIPELINE, minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.RUNNING)
 def shard_discovery_sensor(context: dg.SensorEvaluationContext, platform: PlatformResource) -> dg.SensorResult:
-    """Add a partition per new shard and request ingestion of every new or changed shard.
+    """Add a partition per new shard and request ingestion of every new or changed shard (a ``shard_pipeline``
+    run of ``validated_samples`` alone: the teacher or the reference may not exist yet).
 
     The cursor maps partition key -> content checksum already handled; a shard it does not know is
     looked up in the instance first, so shards ingested by other means (the main job, a backfill)
@@ -155,7 +161,8 @@ def shard_discovery_sensor(context: dg.SensorEvaluationContext, platform: Platfo
         and _ingested_version(context.instance, shard.partition_key) != shard.checksum
     ]
     return dg.SensorResult(
-        run_requests=[dg.RunRequest(partition_key=shard.partition_key, run_key=shard.shard_id) for shard in changed],
+        run_requests=[dg.RunRequest(partition_key=shard.partition_key, run_key=shard.shard_id,
+                                    asset_selection=[validated_samples.key]) for shard in changed],
         dynamic_partitions_requests=[shard_partitions.build_add_request(new_keys)] if new_keys else [],
         cursor=json.dumps({shard.partition_key: shard.checksum for shard in shards}, sort_keys=True),
     )

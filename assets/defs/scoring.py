@@ -39,6 +39,7 @@ from curation_platform_dagster.defs.embeddings import embeddings
 from curation_platform_dagster.defs.ingestion import shard_partitions
 from curation_platform_dagster.defs.quality import check_result
 from curation_platform_dagster.defs.resources import PlatformResource, ScoringResource, TeacherResource
+from curation_platform_dagster.defs.sources import target_split
 from curation_platform_dagster.defs.teachers import latest_metadata, teacher, teacher_id_of
 
 ALL_SHARDS = dg.AllPartitionMapping()
@@ -76,7 +77,7 @@ def reference_sample(context: dg.AssetExecutionContext, platform: PlatformResour
 
 
 @dg.asset(
-    deps=[teacher],
+    deps=[teacher, target_split],
     group_name="scoring",
     code_version="target-v1",
     kinds={"lancedb", "pytorch"},
@@ -153,8 +154,11 @@ def shard_scores(context: dg.AssetExecutionContext, platform: PlatformResource,
 
 
 @dg.asset_check(asset=shard_scores, partitions_def=shard_partitions, blocking=True,
-                description="Great Expectations: no NaN, 0 <= D_KL <= log N, CLIPScore and NormSim_inf in [-1, 1], "
-                            "D_KLR >= 0, one row per sample.")
+                description="One score row per sample (unique uids), and every score within its mathematical range "
+                            "(SCORES.md): the KL scores between 0 and log N for a reference of N pairs, the reverse "
+                            "KL scores and NormSim_2 non-negative, CLIPScore and NormSim_inf in [-1, 1], every prompt "
+                            "weight finite (NormSim empty without a target). A score out of range means a broken "
+                            "teacher, reference or target.")
 def scores_meet_expectations(context: dg.AssetCheckExecutionContext, platform: PlatformResource,
                              scoring: ScoringResource) -> dg.AssetCheckResult:
     shard = platform.recorded_shard(context.partition_key)
@@ -210,7 +214,9 @@ def score_statistics(context: dg.AssetExecutionContext, platform: PlatformResour
 
 
 @dg.asset_check(asset=score_statistics, blocking=True,
-                description="Great Expectations: every score has values, no NaN, std >= 0, min <= mean <= max.")
+                description="The pool's score summary has every score with at least one value and no NaN, a "
+                            "non-negative spread and minimum <= mean <= maximum: the statistics page and release "
+                            "reports are drawn from it.")
 def statistics_are_sane(platform: PlatformResource) -> dg.AssetCheckResult:
     filesystem, path = storage.filesystem_for(summary_uri(platform.analysis_uri), platform.s3)
     return check_result(statistics_suite(pq.read_table(path, filesystem=filesystem)))

@@ -10,6 +10,7 @@ from curation_platform.teachers import load_teacher
 from curation_platform.training import TrainingTimeLimitExceeded, train_teacher
 from curation_platform_dagster.defs.automation import once_available
 from curation_platform_dagster.defs.resources import PlatformResource, TeacherResource
+from curation_platform_dagster.defs.sources import reference_split
 
 TrainingProgress = Callable[[dict], None]
 LOGGED_STAGES = ("data", "epoch", "saved")
@@ -20,6 +21,7 @@ def no_progress(event: dict) -> None:
 
 
 @dg.asset(
+    deps=[reference_split],
     group_name="teacher",
     code_version="teacher-v2",
     kinds={"pytorch"},
@@ -104,8 +106,10 @@ def teacher_gate(blocking: bool = True) -> dg.AssetChecksDefinition:
     neither stops the run nor holds automation back), since whether a check blocks is part of its definition."""
 
     @dg.asset_check(asset=teacher, name=TEACHER_GATE, blocking=blocking,
-                    description="Held-out retrieval (R@1/R@5 both ways) beats chance and the configured minimum R@5: "
-                                "a teacher below the bar never embeds or scores the pool.")
+                    description="On held-out pairs of the trusted split the teacher finds each image's caption and each "
+                                "caption's image (recall@1 and @5) at least min_chance_multiple times as often as "
+                                "chance, with recall@5 at least min_recall_at_5 both ways: a teacher below the bar "
+                                "never embeds or scores the pool.")
     def teacher_beats_the_bar(platform: PlatformResource, teacher_config: TeacherResource) -> dg.AssetCheckResult:
         loaded = load_teacher(teacher_config.spec(platform), s3=platform.s3)
         verdict = judge_teacher(loaded, teacher_config.trusted_split(platform), teacher_config.bar(), s3=platform.s3)
