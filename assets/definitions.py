@@ -42,6 +42,7 @@ from curation_platform_dagster.defs.scoring import (
     reference_sample,
     score_statistics,
     scores_meet_expectations,
+    shard_prompt_weights,
     shard_scores,
     statistics_are_sane,
 )
@@ -60,6 +61,11 @@ automation_sensor = dg.AutomationConditionSensorDefinition(
 shard_pipeline = dg.define_asset_job(
     SHARD_PIPELINE, selection=[validated_samples, embeddings, shard_scores, duplicate_pairs],
     description="Ingest, embed, score and deduplicate shards: the job behind CLI backfills and single-shard retries.",
+)
+prompt_weights = dg.define_asset_job(
+    "prompt_weights", selection=[shard_prompt_weights],
+    description="Add the importance weight column of newly configured domain prompts to scored shards (one run "
+                "fills a whole backfill's shards with one teacher load).",
 )
 teacher_and_references = dg.define_asset_job(
     "teacher_and_references", selection=[teacher, reference_sample, normsim_target, eval_set_embeddings],
@@ -103,10 +109,10 @@ def build_definitions(settings: dict | None = None, resources: dict | None = Non
                    for recipe, release in zip(recipes, releases, strict=True)]
     return dg.Definitions(
         assets=[*located(resources), validated_samples, teacher, embeddings, reference_sample, normsim_target, shard_scores,
-                score_statistics, eval_set_embeddings, image_index, duplicate_pairs, duplicate_groups,
+                shard_prompt_weights, score_statistics, eval_set_embeddings, image_index, duplicate_pairs, duplicate_groups,
                 *releases, *evaluations],
         asset_checks=checks,
-        jobs=[shard_pipeline, teacher_and_references, pool_statistics, releases_job, evaluations_job],
+        jobs=[shard_pipeline, prompt_weights, teacher_and_references, pool_statistics, releases_job, evaluations_job],
         sensors=[shard_discovery_sensor, automation_sensor],
         resources=resources,
     )

@@ -40,7 +40,21 @@ import pyarrow.parquet as pq
 
 SHARD_ROWS = 10_000
 TEACHER_ID = "bench-teacher"
-RECIPES = ("clip-score-top30", "negclip-normsim")
+# demo recipes as published, except that the negCLIPLoss -> NormSim chain runs without the demo's
+# decontaminate and dedup stages (a synthetic pool has no duplicate tables)
+RECIPES = {
+    "clip-score-top30": None,
+    "negclip-normsim": """name = "negclip-normsim"
+[[stage]]
+type = "top_fraction"
+score = "neg_clip_loss"
+fraction = 0.30
+[[stage]]
+type = "top_fraction"
+score = "norm_sim_inf"
+fraction = 0.20
+""",
+}
 STATISTICS_MAX_ROWS = 2_000_000  # ScoringResource.statistics_max_rows
 
 
@@ -119,17 +133,18 @@ def run_task(task: str, pool: dict[str, str], out: Path) -> dict:
 
     from curation_platform.analysis import write_pool_analysis
     from curation_platform.ingest import read_captions
-    from curation_platform.releases import ReleaseSources, create_release, load_recipe
+    from curation_platform.releases import ReleaseSources, create_release, load_recipe, parse_recipe
     from curation_platform.scoring.pipeline import SCORE_COLUMNS, uid_sample_bound
     from curation_platform.scoring.run import count_scores, read_scores
 
     baseline = _rss_mb()
     start = time.perf_counter()
     if task.startswith("release:"):
-        recipe = load_recipe(Path(__file__).resolve().parents[1] / "curation_platform" / "releases"
-                             / "demo_recipes" / f"{task.split(':', 1)[1]}.toml")
+        name = task.split(":", 1)[1]
+        recipe = parse_recipe(RECIPES[name]) if RECIPES.get(name) else load_recipe(
+            Path(__file__).resolve().parents[1] / "curation_platform" / "releases" / "demo_recipes" / f"{name}.toml")
         sources = ReleaseSources(pool["lance_uri"], pool["validated_uri"], TEACHER_ID)
-        release = create_release(recipe, sources, str(out / "releases"))
+        release = create_release(recipe, sources, str(out / "releases"))  # passes in this process: one RSS
         detail = {"selected": release.manifest["selected"], "pool_rows": release.manifest["pool_rows"]}
     else:
         uid_below = uid_sample_bound(count_scores(pool["lance_uri"], TEACHER_ID), STATISTICS_MAX_ROWS)

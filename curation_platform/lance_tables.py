@@ -102,3 +102,21 @@ def sql_string(value: str) -> str:
 def _is_conflict(error: Exception) -> bool:
     text = str(error).lower()
     return any(word in text for word in ("conflict", "retryable", "concurrent", "precondition", "already exists"))
+
+
+def index_column(table: Any, column: str, index_type: str = "BITMAP") -> bool:
+    """Make equality filters on ``column`` an index lookup (a release reads the scores table one shard at a
+    time: without the index each shard's read scans the whole table). Rows written since the index was
+    built are indexed again; returns whether the index changed. A commit conflict with a concurrent
+    writer leaves the index as it was: filters stay correct, only slower."""
+    indices = [index for index in table.list_indices() if list(index.columns) == [column]]
+    if indices and not table.index_stats(indices[0].name).num_unindexed_rows:
+        return False
+    try:
+        table.create_scalar_index(column, index_type=index_type, replace=True)
+    except (OSError, RuntimeError, ValueError) as error:
+        if not _is_conflict(error):
+            raise
+        return False
+    return True
+

@@ -13,6 +13,7 @@ import pytest
 
 from curation_platform.evaluation import scales
 from curation_platform.evaluation.benchmark_sets import build_demo_benchmarks
+from curation_platform.scoring.pipeline import prompt_column
 from curation_platform_dagster.definitions import build_definitions, defs
 from curation_platform_dagster.defs.automation import once_available
 from curation_platform_dagster.defs.ingestion import shard_discovery_sensor, shard_partitions
@@ -34,7 +35,7 @@ PROMPT = "a photo of a geometric shape"
 RECIPE = 'name = "clip-top"\n[[stage]]\ntype = "top_fraction"\nscore = "clip_score"\nfraction = 0.5\n'
 SOURCES = {"raw_pool": {"validated_samples"}, "reference_split": {"teacher"}, "target_split": {"normsim_target"},
            "evaluation_sets": {"eval_set_embeddings"}, "benchmarks": {"evaluation_clip_top"}}
-JOBS = {"shard_pipeline", "teacher_and_references", "pool_statistics", "releases", "evaluations"}
+JOBS = {"shard_pipeline", "prompt_weights", "teacher_and_references", "pool_statistics", "releases", "evaluations"}
 RELEASE_CHECKS = {"release_verifies", "funnel_reconciles", "size_within_bounds"}
 CLASS_NAME = re.compile(r"\b[A-Z][a-z]+(?:[A-Z][a-z0-9]+)+")  # GreatExpectations, ExpectColumnValuesToBeBetween
 SCORE_NAMES = {"NormSim"}  # a score's name (SCORES.md), not code
@@ -243,3 +244,16 @@ def test_whole_graph_then_only_the_new_shard(tmp_path: Path, demo_pool_dir: Path
         assert after[asset]["00002"] == 1
     rows = instance.get_latest_materialization_event(dg.AssetKey("score_statistics")).asset_materialization.metadata
     assert rows["shards"].value == 2
+
+    # A prompt added to the settings: one run of the prompt_weights job fills just its column, shard by shard.
+    added = "a drawing of a landscape"
+    scoring = ScoringResource(reference_size=100, neg_clip_batch_size=64, neg_clip_repeats=3, prompts=[PROMPT, added],
+                              target_uri=str(demo_pool_dir / "target"))
+    filled = dg.materialize([*graph.assets], selection=["shard_prompt_weights"], instance=instance,
+                            resources={**graph.resources, "scoring": scoring},
+                            tags={"dagster/asset_partition_range_start": "00000",
+                                  "dagster/asset_partition_range_end": "00002"})
+    metadata = filled.get_asset_materialization_events()[0].materialization.metadata
+    assert filled.success and metadata["shards"].value == ["00000", "00001", "00002"]
+    assert metadata["rows_written"].value == rows["dagster/row_count"].value, "every scored row, once"
+    assert set(metadata["prompt_columns"].value) == {prompt_column(PROMPT), prompt_column(added)}

@@ -20,12 +20,14 @@ from curation_platform.scoring.pipeline import (
     REFERENCE_TABLE,
     SCORE_VERSION,
     TARGET_TABLE,
+    PromptColumnError,
     load_set,
     prompt_column,
     save_set,
     score_schema,
 )
 from curation_platform.scoring.run import (
+    add_prompt_columns,
     draw_pool_reference,
     embed_target,
     read_scores,
@@ -36,6 +38,7 @@ from curation_platform.scoring.statistics import analyse_pool, summary_uri
 from curation_platform.teachers import load_teacher
 from curation_platform_dagster.defs.automation import on_statistics_cron, once_available, per_shard
 from curation_platform_dagster.defs.embeddings import embeddings
+from curation_platform_dagster.defs.evaluation import IN_MAIN_JOB
 from curation_platform_dagster.defs.ingestion import shard_partitions
 from curation_platform_dagster.defs.quality import check_result
 from curation_platform_dagster.defs.resources import PlatformResource, ScoringResource, TeacherResource
@@ -153,6 +156,46 @@ def shard_scores(context: dg.AssetExecutionContext, platform: PlatformResource,
     )
 
 
+@dg.asset(
+    deps=[shard_scores],
+    partitions_def=shard_partitions,
+    backfill_policy=dg.BackfillPolicy.single_run(),  # one run fills many shards with one teacher load
+    group_name="scoring",
+    code_version="prompt-weights-v1",
+    kinds={"lancedb"},
+    tags={IN_MAIN_JOB: "false"},  # the main job scores with every configured prompt already
+    description="The importance weight column iw_<prompt> of every configured domain prompt, added to an already "
+                "scored shard without rescoring it: adding a prompt to the scoring settings fills just that "
+                "column (a dot product per sample with the stored image embeddings). Launch a backfill of the "
+                "prompt_weights job after adding a prompt; new shards get every prompt from shard_scores.",
+)
+def shard_prompt_weights(context: dg.AssetExecutionContext, platform: PlatformResource,
+                         teacher_config: TeacherResource, scoring: ScoringResource) -> dg.MaterializeResult:
+    shards = [platform.recorded_shard(key).name for key in context.partition_keys]
+    if not scoring.prompts:
+        return dg.MaterializeResult(metadata={"prompts": dg.MetadataValue.json([]), "rows_written": 0,
+                                              "shards": dg.MetadataValue.json(shards)})
+    loaded = load_teacher(teacher_config.spec(platform), s3=platform.s3)  # the prompts need its text tower
+    try:
+        added = add_prompt_columns(platform.lancedb_uri, loaded, scoring.prompts, platform.s3, shards,
+                                   importance_scale=scoring.importance_scale, table=teacher_config.table)
+    except PromptColumnError as error:
+        raise dg.Failure(str(error)) from error
+    if added["missing_embeddings"]:
+        context.log.warning(f"{added['missing_embeddings']} score rows have no stored image embedding: their "
+                            "prompt weights stay empty until the shard is embedded again")
+    return dg.MaterializeResult(metadata={
+        "teacher_id": added["teacher_id"],
+        "prompts": dg.MetadataValue.json(list(scoring.prompts)),
+        "prompt_columns": dg.MetadataValue.json(added["columns"]),
+        "shards": dg.MetadataValue.json(shards),
+        "shards_written": added["shards_written"],
+        "rows_written": added["rows_written"],
+        "missing_embeddings": added["missing_embeddings"],
+        "lancedb_version": added["version"],
+    })
+
+
 @dg.asset_check(asset=shard_scores, partitions_def=shard_partitions, blocking=True,
                 description="One score row per sample (unique uids), and every score within its mathematical range "
                             "(SCORES.md): the KL scores between 0 and log N for a reference of N pairs, the reverse "
@@ -184,7 +227,8 @@ def _png_markdown(name: str, png: bytes) -> str:
 
 
 @dg.asset(
-    deps=[dg.AssetDep(shard_scores, partition_mapping=ALL_SHARDS), reference_sample],
+    deps=[dg.AssetDep(shard_scores, partition_mapping=ALL_SHARDS),
+          dg.AssetDep(shard_prompt_weights, partition_mapping=ALL_SHARDS), reference_sample],
     group_name="statistics",
     code_version="statistics-v1",
     kinds={"polars", "matplotlib"},

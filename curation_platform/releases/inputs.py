@@ -92,6 +92,14 @@ def _pin(sources: ReleaseSources, versions: dict[str, int], name: str, version: 
             tags.create(tag, table_version)
 
 
+def index_shards(sources: ReleaseSources) -> bool:
+    """Index the scores table's ``shard`` column (a release loads one shard at a time)."""
+    database = lance_tables.connect(sources.lance_uri, sources.s3)
+    if SCORES_TABLE not in database.list_tables().tables:
+        return False
+    return lance_tables.index_column(database.open_table(SCORES_TABLE), "shard")
+
+
 # -- score provenance ---------------------------------------------------------------------------
 
 SCORE_PROVENANCE = ("score_version", "score_params", "reference_id", "target_id")

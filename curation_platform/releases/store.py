@@ -46,6 +46,7 @@ from curation_platform.releases.inputs import (
     _pin,
     _tag,
     duplicate_columns,
+    index_shards,
     pool_frame,
     score_provenance,
     table_versions,
@@ -86,7 +87,12 @@ class ReleaseOptions:
 
 def create_release(recipe: Recipe, sources: ReleaseSources, releases_uri: str,
                    options: ReleaseOptions = ReleaseOptions(), versions: dict[str, int] | None = None) -> Release:
-    """Select shard by shard, write every file into a local staging folder, pin the table versions, publish."""
+    """Select shard by shard, write every file into a local staging folder, pin the table versions, publish.
+
+    Without ``versions`` (a new selection, not a derivation), the scores table's shard index is brought up
+    to date first, so the version the release pins reads one shard by index lookup."""
+    if versions is None:
+        index_shards(sources)
     versions = versions or table_versions(sources)
     provenance = score_provenance(sources, versions)
     with tempfile.TemporaryDirectory(prefix="release-selection-") as scratch, _executor(options.workers) as executor:
