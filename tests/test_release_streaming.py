@@ -132,3 +132,21 @@ def test_sorted_merge_is_a_global_sort_in_levels(tmp_path: Path, files: int, fan
     merged = list(sorted_merge(paths, batch_rows=batch_rows, fan_in=fan_in))
     assert [uid for table in merged for uid in table["uid"].to_pylist()] == expected
     assert all(table.num_rows for table in merged)
+
+
+def test_each_shard_is_read_through_an_index(sources: ReleaseSources, tmp_path: Path) -> None:
+    """A release brings the scores table's shard index up to date before it pins the version it reads."""
+    import shutil
+
+    from curation_platform import lance_tables
+    from curation_platform.releases.inputs import index_shards
+
+    lance = tmp_path / "lance"
+    shutil.copytree(sources.lance_uri, lance)
+    private = ReleaseSources(str(lance), sources.validated_uri, sources.teacher_id, sources.pool_uri)
+    release = create_release(parse_recipe(RECIPES["top-then-top"]), private, str(tmp_path / "releases"))
+    scores = lance_tables.connect(str(lance)).open_table("scores")
+    (index,) = [index for index in scores.list_indices() if list(index.columns) == ["shard"]]
+    assert scores.index_stats(index.name).num_unindexed_rows == 0
+    assert release.manifest["lancedb_tables"]["scores"]["version"] == scores.version
+    assert not index_shards(private), "an index covering every row is left alone"
