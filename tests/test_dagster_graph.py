@@ -3,13 +3,16 @@ blocking, incremental automation."""
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import io
 import re
 import shutil
 from pathlib import Path
 
 import dagster as dg
 import pytest
+from PIL import Image
 
 from curation_platform.evaluation import scales
 from curation_platform.evaluation.benchmark_sets import build_demo_benchmarks
@@ -17,6 +20,7 @@ from curation_platform.scoring.pipeline import prompt_column
 from curation_platform_dagster.definitions import build_definitions, defs
 from curation_platform_dagster.defs.automation import once_available
 from curation_platform_dagster.defs.ingestion import shard_discovery_sensor, shard_partitions
+from curation_platform_dagster.defs.metadata import UI_IMAGE_WIDTH
 from curation_platform_dagster.defs.resources import (
     EvaluationResource,
     PlatformResource,
@@ -194,6 +198,10 @@ def test_whole_graph_then_only_the_new_shard(tmp_path: Path, demo_pool_dir: Path
     assert reference["normsim_target"]["dagster/row_count"] > 0
     release = by_step[(("release_clip_top",), None)].materialized["release_clip_top"]
     assert release["dagster/row_count"] == accepted // 2 and Path(release["manifest"]).exists()
+    for figure in ("funnel_png", "score_histograms_png"):  # the report inline, sized for the asset page
+        encoded = release[figure].split("data:image/png;base64,")[1].rstrip(")")
+        assert Image.open(io.BytesIO(base64.b64decode(encoded))).width <= UI_IMAGE_WIDTH
+    assert release["preview"].startswith("| uid | shard | key |") and release["preview"].count("\n") == 11
     evaluations = instance.event_log_storage.get_latest_asset_check_execution_by_key(
         [key for key in graph.resolve_asset_graph().asset_check_keys])
     assert evaluations, "check executions are recorded"

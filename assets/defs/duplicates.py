@@ -5,7 +5,6 @@ index for the shard's near duplicates and compares it with the evaluation sets; 
 are read. The pool-wide ``duplicate_groups`` joins the pairs into groups without reading embeddings.
 """
 
-import base64
 import json
 
 import dagster as dg
@@ -32,6 +31,7 @@ from curation_platform.teachers import load_teacher
 from curation_platform_dagster.defs.automation import on_statistics_cron, once_available, per_shard
 from curation_platform_dagster.defs.embeddings import embeddings
 from curation_platform_dagster.defs.ingestion import shard_partitions
+from curation_platform_dagster.defs.metadata import png_metadata
 from curation_platform_dagster.defs.quality import check_result
 from curation_platform_dagster.defs.resources import DuplicatesResource, PlatformResource, TeacherResource
 from curation_platform_dagster.defs.scoring import ALL_SHARDS
@@ -39,10 +39,6 @@ from curation_platform_dagster.defs.sources import evaluation_sets
 from curation_platform_dagster.defs.teachers import latest_metadata, teacher, teacher_id_of
 
 NEAR_SHARE_WARNING = 0.5  # above this share of the pool in near groups, the teacher or eps is suspect
-
-
-def _png_markdown(name: str, png: bytes) -> dg.MetadataValue:
-    return dg.MetadataValue.md(f"![{name}](data:image/png;base64,{base64.b64encode(png).decode()})")
 
 
 @dg.asset(
@@ -179,8 +175,8 @@ def duplicate_groups(context: dg.AssetExecutionContext, platform: PlatformResour
             "groups": dg.MetadataValue.md(per_kind),
             "share_of_pool_in_groups": dg.MetadataValue.float(summary["in_any_group_share"]),
             "contaminated": dg.MetadataValue.json(summary["contaminated"]),
-            "group_sizes": _png_markdown("group sizes", group_size_histogram(groups.groups)),
-            "largest_groups": _png_markdown("largest groups", largest_groups_grid(groups.groups, images, captions)),
+            "group_sizes": png_metadata("group sizes", group_size_histogram(groups.groups)),
+            "largest_groups": png_metadata("largest groups", largest_groups_grid(groups.groups, images, captions)),
             "lancedb_tables": dg.MetadataValue.json({name: {"uri": f"{platform.lancedb_uri}/{name}", "version": number}
                                                      for name, number in versions.items()}),
         },

@@ -6,7 +6,6 @@ keyed by the release id (the release folder is never touched); the leaderboard i
 Evaluations run on request or in the main job (``evaluation.main_job``): at GPU scales they cost hours.
 """
 
-import base64
 from pathlib import Path
 
 import dagster as dg
@@ -15,6 +14,7 @@ from curation_platform import storage
 from curation_platform.evaluation.evaluate import evaluate_release, project_benchmarks
 from curation_platform.evaluation.record import write_leaderboard
 from curation_platform.releases import Recipe
+from curation_platform_dagster.defs.metadata import png_metadata
 from curation_platform_dagster.defs.resources import EvaluationResource, PlatformResource
 from curation_platform_dagster.defs.sources import benchmarks
 
@@ -75,7 +75,7 @@ def evaluation_asset(recipe: Recipe, release: dg.AssetsDefinition, in_main_job: 
             "at_chance": dg.MetadataValue.json(record["at_chance"]),
             "record": dg.MetadataValue.path(storage.join(evaluated.uri, "record.json")),
             "leaderboard": dg.MetadataValue.path(board["markdown"]),
-            "metrics_png": dg.MetadataValue.md(f"![metrics](data:image/png;base64,{base64.b64encode(figure).decode()})"),
+            "metrics_png": png_metadata("metrics", figure),
         })
 
     return _evaluation

@@ -1,5 +1,6 @@
 """One release asset per recipe in ``<home>/recipes``: an immutable release per materialisation."""
 
+import itertools
 import re
 from pathlib import Path
 
@@ -13,9 +14,12 @@ from curation_platform.releases import (
     ReleaseSources,
     create_release,
     load_recipe,
+    open_release,
+    read_samples,
     verify_release,
 )
 from curation_platform_dagster.defs.duplicates import duplicate_groups
+from curation_platform_dagster.defs.metadata import png_metadata
 from curation_platform_dagster.defs.resources import PlatformResource
 from curation_platform_dagster.defs.scoring import score_statistics, teacher_id_of
 
@@ -60,7 +64,7 @@ def release_checks(manifest: dict, recipe: Recipe, uri: str, platform: PlatformR
     """The three checks every release gets, computed on what was just published."""
     verification = verify_release(uri, platform.s3)
     rows = [stage["rows"] for stage in manifest["funnel"]]
-    reconciles = all(later <= earlier for earlier, later in zip(rows, rows[1:], strict=False)) \
+    reconciles = all(later <= earlier for earlier, later in itertools.pairwise(rows)) \
         and rows[-1] == manifest["selected"]
     selected = manifest["selected"]
     return [
@@ -75,6 +79,29 @@ def release_checks(manifest: dict, recipe: Recipe, uri: str, platform: PlatformR
                             metadata={"selected": selected, "min_size": recipe.min_size,
                                       "max_size": recipe.max_size}),
     ]
+
+
+REPORT_FIGURES = {"funnel_png": "funnel.png", "score_histograms_png": "score_histograms.png",
+                  "composition_language_png": "composition_language.png"}
+PREVIEW_ROWS = 10
+
+
+def report_metadata(release_uri: str, platform: PlatformResource) -> dict[str, dg.MetadataValue]:
+    """The report as the asset page shows it: its main figures inline (downscaled to the panel's width),
+    the best and worst examples of the first ranked score, and a preview of the released samples."""
+    figures = storage.join(release_uri, "report", "figures")
+    found = {entry.uri.rsplit("/", 1)[-1] for entry in storage.list_files(figures, platform.s3)}
+    examples = sorted(name for name in found if name.startswith("examples_"))[:2]
+    shown = {**REPORT_FIGURES, **{name.removesuffix(".png") + "_png": name for name in examples}}
+    metadata = {key: png_metadata(key, storage.read_bytes(storage.join(figures, name), platform.s3))
+                for key, name in shown.items() if name in found}
+    samples = read_samples(open_release(release_uri, platform.s3), platform.s3).head(PREVIEW_ROWS)
+    floats = [name for name, dtype in samples.schema.items() if dtype.is_float()]
+    preview = samples.with_columns(pl.col(floats).round(4)) if floats else samples
+    header = "| " + " | ".join(preview.columns) + " |"
+    rows = ["| " + " | ".join(str(value) for value in row) + " |" for row in preview.iter_rows()]
+    metadata["preview"] = dg.MetadataValue.md("\n".join([header, "|" + " --- |" * len(preview.columns), *rows]))
+    return metadata
 
 
 def release_asset(recipe: Recipe, check_keys: list[dg.AssetCheckKey]) -> dg.AssetsDefinition:
@@ -111,6 +138,7 @@ def release_asset(recipe: Recipe, check_keys: list[dg.AssetCheckKey]) -> dg.Asse
                 "report": dg.MetadataValue.path(storage.join(created.uri, "report", "report.md")),
                 "funnel": dg.MetadataValue.md(funnel),
                 "lancedb_tables": dg.MetadataValue.json(manifest["lancedb_tables"]),
+                **report_metadata(created.uri, platform),
             },
             check_results=release_checks(manifest, recipe, created.uri, platform),
         )

@@ -6,7 +6,6 @@ so a new shard is scored without rescoring the pool. Re-materialising either mak
 scores stale (their data versions change) and automation rescores them.
 """
 
-import base64
 import time
 from dataclasses import replace
 
@@ -39,6 +38,7 @@ from curation_platform.teachers import load_teacher
 from curation_platform_dagster.defs.automation import on_statistics_cron, once_available, per_shard
 from curation_platform_dagster.defs.embeddings import embeddings
 from curation_platform_dagster.defs.evaluation import IN_MAIN_JOB
+from curation_platform_dagster.defs.metadata import png_metadata
 from curation_platform_dagster.defs.ingestion import shard_partitions
 from curation_platform_dagster.defs.quality import check_result
 from curation_platform_dagster.defs.resources import PlatformResource, ScoringResource, TeacherResource
@@ -222,10 +222,6 @@ def _markdown_table(frame: pl.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def _png_markdown(name: str, png: bytes) -> str:
-    return f"![{name.removesuffix('_png')}](data:image/png;base64,{base64.b64encode(png).decode()})"
-
-
 @dg.asset(
     deps=[dg.AssetDep(shard_scores, partition_mapping=ALL_SHARDS),
           dg.AssetDep(shard_prompt_weights, partition_mapping=ALL_SHARDS), reference_sample],
@@ -252,7 +248,7 @@ def score_statistics(context: dg.AssetExecutionContext, platform: PlatformResour
             "reference_ids": dg.MetadataValue.json(analysis.reference_ids),
             "summary": dg.MetadataValue.md(_markdown_table(analysis.summary)),
             "analysis_uri": dg.MetadataValue.path(platform.analysis_uri),
-            **{name: dg.MetadataValue.md(_png_markdown(name, png)) for name, png in analysis.plots.items()},
+            **{name: png_metadata(name, png) for name, png in analysis.plots.items()},
         },
     )
 
