@@ -166,9 +166,9 @@ class ProjectLayout:
 
     @property
     def checksum_cache(self) -> Path | None:
-        """The shard-checksum cache of a local home (SQLite); an ``s3://`` home uses one per machine
-        (:func:`curation_platform.pool.machine_checksum_cache`)."""
-        return None if storage.is_s3(self.home) else Path(self.state, "checksums.sqlite")
+        """The shard-checksum cache of a local home (SQLite); a remote home (``s3://``, ``gs://``, ...) uses one
+        per machine (:func:`curation_platform.pool.machine_checksum_cache`)."""
+        return Path(self.state, "checksums.sqlite") if storage.is_local(self.home) else None
 
     def folders(self) -> dict[str, str]:
         """Every fixed entry of the home (name -> URI), as the README's layout table lists them (with the

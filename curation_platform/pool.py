@@ -1,7 +1,9 @@
 """Shard discovery for img2dataset / DataComp pools.
 
-A pool is a directory or ``s3://`` prefix of shards ``NAME.tar`` + ``NAME.parquet`` +
-``NAME_stats.json`` (+ DataComp's optional ``NAME.npz``). A shard's identity is its name plus a
+A pool is a directory or object-store prefix (any :mod:`curation_platform.storage` URI) of shards
+``NAME.tar`` + ``NAME.parquet`` + ``NAME_stats.json`` (+ DataComp's optional ``NAME.npz``), whatever the
+names (img2dataset's ``00000``, DataComp's ``00000000``); or a list of shard files, one shard's file or a
+brace pattern as webdataset takes (``s3://bucket/pool/{00000..00127}.tar``). A shard's identity is its name plus a
 sha256 over its files' contents, so a re-uploaded shard is noticed even when its name is reused.
 Hashing streams each file once; :class:`ChecksumCache` remembers digests by (uri, size, mtime, and
 on S3 the listing's ETag) so re-discovering an unchanged pool of millions of shards reads no shard
@@ -122,7 +124,7 @@ class ChecksumCache:
 
 
 def machine_checksum_cache() -> Path:
-    """The checksum cache of an ``s3://`` home: a file on this machine, ``$XDG_CACHE_HOME`` (else
+    """The checksum cache of a remote (``s3://``, ``gs://``, ...) home: a file on this machine, ``$XDG_CACHE_HOME`` (else
     ``~/.cache``) ``/curation_platform/checksums.sqlite``, keyed by what the S3 listing says.
 
     Not next to the home on S3: SQLite needs a local file with working locks, and an object store has
@@ -196,6 +198,74 @@ def _split_shard_file(file_name: str) -> tuple[str, str] | None:
     return None
 
 
+def _split_uri(uri: str) -> tuple[str, str]:
+    """``(folder, file name)`` of a file URI; a bare relative name is in ``.``."""
+    folder, _, name = uri.rstrip("/").rpartition("/")
+    return folder or ("/" if uri.startswith("/") else "."), name
+
+
+def _named_files(pool_uri: str) -> list[str] | None:
+    """The shard files a pool URI names one by one (a brace pattern, or one shard's file); None for a folder."""
+    if "{" in pool_uri:
+        return storage.expand_braces(pool_uri)
+    return [pool_uri.rstrip("/")] if _split_shard_file(_split_uri(pool_uri)[1]) else None
+
+
+def pool_exists(pool_uri: str, s3: S3Settings | None = None) -> bool:
+    """Whether there is a pool yet: its folder, or any file its list names (discovery reports the others)."""
+    named = _named_files(pool_uri)
+    return storage.exists(pool_uri, s3) if named is None else any(storage.exists(uri, s3) for uri in named)
+
+
+def shard_file_uri(pool_uri: str, shard: str, suffix: str = ".tar") -> str:
+    """Where shard ``shard``'s ``suffix`` file is in the pool ``pool_uri``, however the pool is given
+    (folder, one shard's file, brace pattern): what readers of recorded offsets open."""
+    named = _named_files(pool_uri)
+    if named is None:
+        return storage.join(pool_uri, shard + suffix)
+    for uri in named:
+        folder, file_name = _split_uri(uri)
+        split = _split_shard_file(file_name)
+        if split is not None and split[0] == shard:
+            return storage.join(folder, shard + suffix)
+    raise FileNotFoundError(f"the pool {pool_uri} names no shard {shard!r}")
+
+
+def _named_shards(pool_uri: str, named: list[str], s3: S3Settings | None) -> dict[str, dict[str, FileEntry]]:
+    """The shards a list of shard files names, each with all its files (its tar names its parquet too). Each
+    folder is listed once, under the names' common prefix; a named file that does not exist is an error."""
+    wanted: dict[str, dict[str, dict[str, str]]] = {}  # folder -> shard name -> kind -> the URI named
+    folders: dict[str, str] = {}
+    for uri in named:
+        folder, file_name = _split_uri(uri)
+        split = _split_shard_file(file_name)
+        if split is None:
+            raise ValueError(f"{uri} (from {pool_uri}) is not a shard file: NAME.tar, NAME.parquet, "
+                             "NAME_stats.json or NAME.npz")
+        name, kind = split
+        if folders.setdefault(name, folder) != folder:
+            raise ValueError(f"{pool_uri} names shard {name!r} in both {folders[name]} and {folder}")
+        wanted.setdefault(folder, {}).setdefault(name, {})[kind] = uri
+    groups: dict[str, dict[str, FileEntry]] = {}
+    missing: list[str] = []
+    for folder, names in wanted.items():
+        try:
+            listed = _group_shard_files(storage.list_objects(folder, s3, os.path.commonprefix(list(names))))
+        except FileNotFoundError:
+            listed = {}
+        for name, uris in names.items():
+            missing += [uri for kind, uri in uris.items() if kind not in listed.get(name, {})]
+            if name in listed:
+                groups[name] = listed[name]
+    if missing and len(named) == 1:
+        raise FileNotFoundError(f"no shard at {pool_uri}")
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise FileNotFoundError(f"{len(missing)} of the {len(named)} shard files {pool_uri} names do not exist: "
+                                f"{shown}")
+    return groups
+
+
 def _group_shard_files(entries: Iterable[FileEntry]) -> dict[str, dict[str, FileEntry]]:
     groups: dict[str, dict[str, FileEntry]] = {}
     for entry in entries:
@@ -217,16 +287,13 @@ def discover_shards(
 ) -> list[ShardRef]:
     """List a pool's shards (sorted by name) with content checksums.
 
-    ``pool_uri`` may also name one shard's ``.tar`` (or ``.parquet``) file to address it alone.
+    ``pool_uri`` may also name one shard's ``.tar`` (or ``.parquet``) file to address it alone, or list shard
+    files with a brace pattern (``/data/{00000..00127}.tar``, ``{a,b}``); a listed file that does not exist
+    raises :class:`FileNotFoundError` naming it.
     """
-    file_name = pool_uri.rstrip("/").rsplit("/", 1)[-1]
-    only = _split_shard_file(file_name)
-    directory = pool_uri.rstrip("/")[: -len(file_name) - 1] if only else pool_uri
-    groups = _group_shard_files(storage.list_objects(directory, s3, only[0] if only else ""))
-    if only:
-        groups = {only[0]: groups[only[0]]} if only[0] in groups else {}
-        if not groups:
-            raise FileNotFoundError(f"no shard at {pool_uri}")
+    named = _named_files(pool_uri)
+    groups = (_group_shard_files(storage.list_objects(pool_uri, s3)) if named is None
+              else _named_shards(pool_uri, named, s3))
 
     keys: dict[str, str] = {}
     for name in groups:

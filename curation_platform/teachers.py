@@ -227,8 +227,8 @@ def file_sha256(path: Path) -> str:
 
 def _localise(uri: str, s3: S3Settings | None) -> Path:
     """A local path for ``uri``: itself, or an S3 object cached by its URI (re-fetched if resized)."""
-    if not storage.is_s3(uri):
-        path = Path(uri).expanduser()
+    if storage.is_local(uri):
+        path = Path(storage.absolute(uri))
         if not path.exists():
             raise TeacherLoadError(f"{uri}: not found")
         return path

@@ -225,10 +225,10 @@ def fasttext_model(model_uri: str) -> FastTextModel:
 
 
 def _local_model_path(model_uri: str) -> str:
-    if not storage.is_s3(model_uri):
-        if not Path(model_uri).is_file():
+    if storage.is_local(model_uri):
+        if not Path(storage.absolute(model_uri)).is_file():
             raise LanguageModelUnavailable(f"{FASTTEXT_LID_ENV}={model_uri}: no such file")
-        return model_uri
+        return storage.absolute(model_uri)
     digest = hashlib.sha256(model_uri.encode()).hexdigest()[:16]
     cached = Path(tempfile.gettempdir()) / "curation-fasttext" / f"{digest}-{Path(model_uri).name}"
     if not cached.is_file():

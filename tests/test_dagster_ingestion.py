@@ -82,4 +82,4 @@ def test_production_profile_refuses_local_locations(tmp_path: Path, monkeypatch)
                             resources={"platform": platform}, raise_on_error=False)
     assert not result.success
     failure = result.all_events[-1].event_specific_data.error.to_string()
-    assert "CURATION_PROFILE=production needs s3:// locations" in failure
+    assert "CURATION_PROFILE=production needs remote locations" in failure

@@ -36,7 +36,7 @@ def load_recipes(folder: Path) -> list[Recipe]:
 def _evaluation_labels(platform: PlatformResource) -> pl.DataFrame | None:
     """The demo's ground truth, shown in the report only (selection never sees it)."""
     truth = platform.layout.demo_ground_truth
-    if storage.is_s3(truth) or not Path(truth).exists():
+    if not storage.is_local(truth) or not Path(truth).exists():
         return None
     return pl.read_parquet(truth).select("uid", pl.col("corruption").alias("label"))
 

@@ -22,7 +22,14 @@ from curation_platform.embedding.sinks import EMBEDDINGS_TABLE
 from curation_platform.evaluation.scales import EvalScale, get_scale
 from curation_platform.ingest import read_shard_ref
 from curation_platform.layout import ProjectLayout
-from curation_platform.pool import ChecksumCache, ShardRef, discover_shards, machine_checksum_cache
+from curation_platform.pool import (
+    ChecksumCache,
+    ShardRef,
+    discover_shards,
+    machine_checksum_cache,
+    pool_exists,
+    shard_file_uri,
+)
 from curation_platform.scoring.pipeline import ScoreParams
 from curation_platform.scoring.statistics import STATISTICS_MAX_ROWS
 from curation_platform.storage import S3Settings
@@ -71,9 +78,10 @@ class PlatformResource(dg.ConfigurableResource):
             return
         layout = self.layout
         local = {name: uri for name, uri in (("CURATION_HOME", layout.home), ("CURATION_POOL", layout.pool),
-                                              ("CURATION_LANCEDB", layout.lancedb)) if not storage.is_s3(uri)}
+                                              ("CURATION_LANCEDB", layout.lancedb)) if storage.is_local(uri)}
         if local:
-            raise dg.Failure(f"CURATION_PROFILE=production needs s3:// locations; local: {local}")
+            raise dg.Failure(f"CURATION_PROFILE=production needs remote locations (s3://, gs://, az://, ...); "
+                             f"local: {local}")
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         self.check_profile()
@@ -117,7 +125,7 @@ class PlatformResource(dg.ConfigurableResource):
         )
 
     def discover(self) -> list[ShardRef]:
-        if not storage.exists(self.pool, self.s3):
+        if not pool_exists(self.pool, self.s3):
             return []
         return discover_shards(self.pool, s3=self.s3, checksum_cache=self._checksum_cache())
 
@@ -130,7 +138,10 @@ class PlatformResource(dg.ConfigurableResource):
         and discovery only; later steps read :meth:`recorded_shard`. Addressed directly, scanning the pool
         only for odd names."""
         for suffix in (".tar", ".parquet"):
-            uri = storage.join(self.pool, partition_key + suffix)
+            try:
+                uri = shard_file_uri(self.pool, partition_key, suffix)
+            except FileNotFoundError:
+                continue
             if storage.exists(uri, self.s3):
                 return discover_shards(uri, s3=self.s3, checksum_cache=self._checksum_cache())[0]
         for shard in self.discover():

@@ -23,6 +23,7 @@ from typing import Literal
 
 import polars as pl
 import pyarrow as pa
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from curation_platform import storage
@@ -142,6 +143,11 @@ class ExactDuplicateIndex:
         return uri
 
     def _scan(self, files: Sequence[str]) -> pl.LazyFrame:
+        """Polars reads local files and S3 itself; any other store through the index's own filesystem."""
+        if not storage.is_local(self.uri) and not storage.is_s3(self.uri):
+            filesystem, _ = storage.filesystem_for(self.uri, self.s3)
+            paths = [storage.filesystem_for(uri, self.s3)[1] for uri in files]
+            return pl.scan_pyarrow_dataset(ds.dataset(paths, filesystem=filesystem, format="parquet"))
         options = None
         if storage.is_s3(self.uri):
             options = (self.s3 or S3Settings.from_env()).storage_options()

@@ -11,6 +11,7 @@ import pyarrow.dataset as ds
 from curation_platform import storage
 from curation_platform.analysis import panel_grid
 from curation_platform.layout import ShardOutputs
+from curation_platform.pool import shard_file_uri
 from curation_platform.storage import S3Settings
 
 GRID_COLUMNS = 8
@@ -53,8 +54,8 @@ def sample_images(validated_uri: str, pool_uri: str, uids: list[str], s3: S3Sett
     images, captions = {}, {}
     for row in rows.to_pylist():
         captions[row["uid"]] = row["caption"]
-        tar_system, tar_path = storage.filesystem_for(storage.join(pool_uri, f"{row['shard']}.tar"), s3)
         try:
+            tar_system, tar_path = storage.filesystem_for(shard_file_uri(pool_uri, row["shard"]), s3)
             with tar_system.open_input_file(tar_path) as tar:
                 images[row["uid"]] = tar.read_at(row["image_bytes"], row["image_offset"])
         except OSError:

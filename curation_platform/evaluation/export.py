@@ -47,7 +47,7 @@ from curation_platform.formats.img2dataset import (
     shard_name,
 )
 from curation_platform.layout import ShardOutputs
-from curation_platform.pool import partition_key_for
+from curation_platform.pool import partition_key_for, shard_file_uri
 from curation_platform.releases.artefacts import CHECKSUMS, SAMPLES, SUBSET, npy_bytes, sha256_hex, subset_array
 from curation_platform.storage import S3Settings
 
@@ -299,7 +299,7 @@ class _ShardWriter:
         self.key_digits = sample_key_digits(samples_per_shard)
         self.s3 = s3
         self.on_shard = on_shard
-        self.local = not storage.is_s3(out_uri)
+        self.local = storage.is_local(out_uri)
         self.finished: list[dict[str, Any]] = []
         self._scratch: tempfile.TemporaryDirectory | None = None
         self._temporary: Path | None = None
@@ -390,7 +390,7 @@ def _source_samples(shard: str, rows: pl.DataFrame, pool_uri: str, validated_uri
                     s3: S3Settings | None) -> Iterator[tuple[dict[str, Any], bytes]]:
     """The selected samples of one pool shard in tar-offset order, each with its verified image bytes."""
     validated = _validated_rows(shard, rows, validated_uri, s3)
-    tar_uri = storage.join(pool_uri, f"{shard}.tar")
+    tar_uri = shard_file_uri(pool_uri, shard)
     filesystem, path = storage.filesystem_for(tar_uri, s3)
     try:
         tar = filesystem.open_input_file(path)

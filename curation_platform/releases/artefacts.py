@@ -194,11 +194,14 @@ def next_version(releases_uri: str, name: str, s3: S3Settings | None) -> int:
 
 
 def publish_folder(staging: Path, releases_uri: str, name: str, version: int, s3: S3Settings | None) -> str:
-    """Make the staged folder visible in one step (local rename; on S3, SHA256SUMS written last)."""
-    final = storage.join(releases_uri, name, str(version))
+    """Make the staged folder visible in one step (local rename; on an object store SHA256SUMS written last).
+
+    On S3 the version is claimed first (:func:`_claim`); other fsspec stores have no such claim, so there
+    concurrent publishers of one name are not kept apart."""
+    final = storage.join(storage.absolute(releases_uri), name, str(version))
     if storage.exists(storage.join(final, CHECKSUMS), s3):
         raise FileExistsError(f"release {name}/{version} exists and is never overwritten")
-    if not storage.is_s3(releases_uri):
+    if storage.is_local(releases_uri):
         parent = Path(final).parent
         parent.mkdir(parents=True, exist_ok=True)
         hidden = parent / f".staging-{version}-{uuid.uuid4().hex}"
@@ -210,7 +213,8 @@ def publish_folder(staging: Path, releases_uri: str, name: str, version: int, s3
             shutil.rmtree(hidden, ignore_errors=True)
             raise FileExistsError(f"release {name}/{version} appeared meanwhile") from error
         return str(Path(final).resolve())
-    _claim(releases_uri, name, version, s3)
+    if storage.is_s3(releases_uri):
+        _claim(releases_uri, name, version, s3)
     files = sorted(path for path in staging.rglob("*") if path.is_file())
     for path in sorted(files, key=lambda path: path.name == CHECKSUMS):
         storage.write_bytes_atomic(storage.join(final, *path.relative_to(staging).parts), path.read_bytes(), s3)

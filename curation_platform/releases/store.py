@@ -23,6 +23,7 @@ from typing import Any
 import polars as pl
 
 from curation_platform import __version__, storage
+from curation_platform.pool import shard_file_uri
 from curation_platform.processes import worker_context
 from curation_platform.releases import inputs
 from curation_platform.releases.apply_recipe import Selected, select, write_samples
@@ -215,8 +216,8 @@ def _image_loader(frame: pl.DataFrame, sources: ReleaseSources) -> Callable[[lis
         rows = frame.filter(pl.col("uid").is_in(uids)).select("uid", "shard", "image_offset", "image_bytes")
         images = {}
         for uid, shard, offset, size in rows.iter_rows():
-            filesystem, path = storage.filesystem_for(storage.join(sources.pool_uri, f"{shard}.tar"), sources.s3)
             try:
+                filesystem, path = storage.filesystem_for(shard_file_uri(sources.pool_uri, shard), sources.s3)
                 with filesystem.open_input_file(path) as tar:
                     images[uid] = tar.read_at(size, offset)
             except OSError:
