@@ -13,6 +13,7 @@ import click
 
 from curation_platform import storage
 from curation_platform.cli import main
+from curation_platform.cli.display import example, warn
 from curation_platform.cli.group import HOME_HELP, project_layout
 from curation_platform.cli.pool import build_demo_pool_into
 from curation_platform.cli.releases import echo_funnel
@@ -39,7 +40,7 @@ DEMO_DUPLICATES = {"eps": 0.005, "decontamination_eps": 0.02}
 DEMO_SETTINGS = {"scoring": DEMO_SCORING, "evaluation": DEMO_EVALUATION, "duplicates": DEMO_DUPLICATES}
 
 
-@main.command()
+@main.command(epilog=example("demo --home ./curation_home --shards 2"))
 @click.option("--home", default=None, help=HOME_HELP)
 @click.option("--shards", type=click.IntRange(min=1), default=4, show_default=True, help="Shards in the demo pool.")
 @click.option("--samples-per-shard", type=click.IntRange(min=1), default=500, show_default=True, help="Samples per demo shard.")
@@ -55,7 +56,7 @@ def demo(home: str | None, shards: int, samples_per_shard: int, seed: int, worke
     recipes; the teacher trains on the demo's clean reference split.
     """
     layout = project_layout(home)
-    if storage.is_s3(layout.home):
+    if not storage.is_local(layout.home):
         raise click.UsageError("the demo builds its pool on local disk: give a local --home")
     started = time.perf_counter()
     click.echo(f"project home: {layout.home}")
@@ -71,7 +72,8 @@ def demo(home: str | None, shards: int, samples_per_shard: int, seed: int, worke
                   scoring={}, recipes=None, retrain_teacher=retrain_teacher, started=started)
 
 
-@main.command("run")
+@main.command("run", epilog=example("run --pool s3://bucket/pool --train-on s3://bucket/reference "
+                                    "--home ./curation_home"))
 @click.option("--pool", "pool_uri", required=True, help="The pool's shards (local folder or s3:// prefix).")
 @click.option("--home", default=None, help=HOME_HELP)
 @teacher_options
@@ -120,11 +122,12 @@ def _run_main_job(layout: ProjectLayout, *, pool: str, teacher: dict, scoring: d
     """``run`` and ``demo``: the graph in-process, one line per run, then releases and how to open the UI."""
     from curation_platform_dagster.local_run import instance_for, main_job_definitions, materialize_graph
 
-    defs = main_job_definitions(layout.home, pool=pool, teacher=teacher, scoring=scoring, recipes=recipes,
-                                training_progress=TrainingBar())
-    instance = instance_for(layout)
-    click.echo(f"running the asset graph in-process on {pool} (Dagster instance: {instance.root_directory})")
-    outcomes = materialize_graph(instance, defs, on_step=_print_step, retrain_teacher=retrain_teacher)
+    with TrainingBar() as training_progress:
+        defs = main_job_definitions(layout.home, pool=pool, teacher=teacher, scoring=scoring, recipes=recipes,
+                                    training_progress=training_progress)
+        instance = instance_for(layout)
+        click.echo(f"running the asset graph in-process on {pool} (Dagster instance: {instance.root_directory})")
+        outcomes = materialize_graph(instance, defs, on_step=_print_step, retrain_teacher=retrain_teacher)
     failed = [outcome for outcome in outcomes if not outcome.success]
     click.echo(f"\ndone in {time.perf_counter() - started:.1f} s: {len(outcomes)} runs, {len(failed)} failed.")
     gate = next((check for outcome in outcomes for name, check in outcome.checks.items()
@@ -220,3 +223,7 @@ def _print_step(outcome) -> None:
     click.echo(f"  {status:6} {'+'.join(outcome.assets)}{where} ({outcome.seconds:.1f} s)  " + "; ".join(facts))
     if outcome.error:
         click.echo(f"         {outcome.error}")
+    reference = outcome.materialized.get("reference_sample")
+    if reference and reference["dagster/row_count"] < reference["requested_size"]:
+        warn(f"the reference holds N = {reference['dagster/row_count']:,} pairs, not reference_size "
+             f"{reference['requested_size']:,}: the pool has only {reference['pool_rows']:,} embedded pairs")

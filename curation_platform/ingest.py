@@ -23,7 +23,7 @@ import math
 import re
 import time
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -168,6 +168,21 @@ def _read_parquet_rows(shard: ShardRef, s3: S3Settings | None) -> tuple[list[dic
         return None, f"parquet unreadable: {type(error).__name__}: {error}"
 
 
+TarProgress = Callable[[int], None]  # bytes of the shard's tar read so far, after each of its samples
+
+
+class _CountingStream:
+    """A read stream that counts what was read (pyarrow's input streams cannot ``tell()``)."""
+
+    def __init__(self, raw: Any) -> None:
+        self.raw, self.bytes_read = raw, 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        self.bytes_read += len(data)
+        return data
+
+
 def make_executor(workers: int) -> ProcessPoolExecutor | None:
     """Worker processes for image decoding (see :mod:`curation_platform.processes`)."""
     if workers <= 0:
@@ -178,12 +193,13 @@ def make_executor(workers: int) -> ProcessPoolExecutor | None:
 class ShardIngester:
     """Validates one shard: indexes its parquet, streams its tar, fans content checks out to
     ``executor`` in bounded batches (at most ``batches_in_flight`` of ``batch_size`` samples), and
-    accounts for every sample either shard file mentions."""
+    accounts for every sample either shard file mentions; ``on_tar_bytes`` hears how far the tar was read."""
 
     def __init__(self, shard: ShardRef, *, s3: S3Settings | None = None, limits: ValidationLimits = ValidationLimits(),
                  executor: Executor | None = None, batch_size: int = 64, batches_in_flight: int = 4,
-                 registry: UidRegistry | None = None) -> None:
+                 registry: UidRegistry | None = None, on_tar_bytes: TarProgress | None = None) -> None:
         self.shard, self.s3, self.limits, self.executor, self.registry = shard, s3, limits, executor, registry
+        self.on_tar_bytes = on_tar_bytes
         self.batch_size, self.batches_in_flight = batch_size, batches_in_flight
         self.rows = _Rows()
         self.errors: list[str] = []
@@ -230,8 +246,11 @@ class ShardIngester:
             self.by_key[key] = row
 
     def _read_tar(self, has_parquet: bool, parquet_error: str | None) -> None:
-        with storage.open_input(self.shard.tar.uri, self.s3) as stream:
+        with storage.open_input(self.shard.tar.uri, self.s3) as raw:
+            stream = _CountingStream(raw) if self.on_tar_bytes else raw
             for item in iter_tar_samples(stream, self.summary, self.limits):
+                if self.on_tar_bytes:
+                    self.on_tar_bytes(stream.bytes_read)
                 seq = self.rows.seq()
                 if isinstance(item, UnsafeEntry):
                     self._reject(seq, derive_uid(self.shard.name, f"member:{seq}:{item.name}"), item.name, item.reason,
@@ -361,11 +380,11 @@ class ShardIngester:
 
 def ingest_shard(shard: ShardRef, *, s3: S3Settings | None = None, limits: ValidationLimits = ValidationLimits(),
                  executor: Executor | None = None, batch_size: int = 64, batches_in_flight: int = 4,
-                 registry: UidRegistry | None = None) -> ShardIngestion:
+                 registry: UidRegistry | None = None, on_tar_bytes: TarProgress | None = None) -> ShardIngestion:
     """Validate one shard (see :class:`ShardIngester`); ``executor`` (:func:`make_executor`) parallelises
     decoding; with a ``registry`` a uid another shard keeps is quarantined as ``cross_shard_duplicate``."""
     return ShardIngester(shard, s3=s3, limits=limits, executor=executor, batch_size=batch_size,
-                         batches_in_flight=batches_in_flight, registry=registry).run()
+                         batches_in_flight=batches_in_flight, registry=registry, on_tar_bytes=on_tar_bytes).run()
 
 
 def _identify(
@@ -478,9 +497,10 @@ def ingest_pool(
     limits: ValidationLimits = ValidationLimits(),
     workers: int = 0,
     registry: UidRegistry | None = None,
+    on_tar_bytes: TarProgress | None = None,
 ) -> Iterator[ShardIngestion]:
     """Ingest shards in name order, sharing one pool of decode workers and one uid registry (by default
-    one for this run only).
+    one for this run only); ``on_tar_bytes`` hears, within each shard, how far its tar was read.
 
     A shard that fails unexpectedly yields an empty ingestion whose report names the error, so the
     pool's other shards are still ingested and the failed one is still accounted for.
@@ -490,7 +510,8 @@ def ingest_pool(
     try:
         for shard in sorted(shards, key=lambda ref: ref.name):
             try:
-                yield ingest_shard(shard, s3=s3, limits=limits, executor=executor, registry=registry)
+                yield ingest_shard(shard, s3=s3, limits=limits, executor=executor, registry=registry,
+                                   on_tar_bytes=on_tar_bytes)
             except Exception as error:  # noqa: BLE001 - one shard's failure must not stop the pool
                 yield failed_ingestion(shard, error)
     finally:

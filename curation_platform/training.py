@@ -50,6 +50,9 @@ _EVAL_BATCH = 512
 
 PROGRESS_EVERY_STEPS = 10  # a "step" progress event every this many steps (and at the last one)
 
+# Called with one event dict per stage: "loading" (decoding the split starts), "data" (split decoded:
+# pair counts, total_steps, max_samples), "step" (every PROGRESS_EVERY_STEPS: step, epoch of epochs,
+# loss, seconds_left), "epoch" (an EpochStats point of the loss curve) and "saved" (teacher_id).
 ProgressCallback = Callable[[dict[str, Any]], None]
 
 
@@ -231,11 +234,12 @@ def train_teacher(
     """Train a teacher on the reference split at ``reference_uri`` and write it to ``out_uri``.
 
     Raises :class:`TrainingTimeLimitExceeded` (writing nothing) when ``config.max_seconds`` is set
-    and training would not finish within it.
+    and training would not finish within it. ``progress`` hears each stage (:data:`ProgressCallback`).
     """
     notify = progress or (lambda event: None)
     config = config.resolved()
     started = time.perf_counter()
+    notify({"stage": "loading", "reference_uri": reference_uri})
     preprocessing = Preprocessing.from_open_clip(config.model.preprocess_cfg())
     with torch_threads(config.threads), torch.random.fork_rng(devices=[]):
         data = load_reference(reference_uri, preprocessing, _tokenizer(config.model), s3, config.max_samples)
@@ -248,7 +252,8 @@ def train_teacher(
         steps_per_epoch = len(train.uids) // config.batch_size
         notify({"stage": "data", "train": len(train.uids), "held_out": len(evaluation.uids),
                 "quarantined": data.quarantined, "seconds": round(seconds_data, 2),
-                "total_steps": steps_per_epoch * config.epochs, "precision": config.precision})
+                "total_steps": steps_per_epoch * config.epochs, "precision": config.precision,
+                "max_samples": config.max_samples})
 
         torch.manual_seed(config.seed)
         model = create_model(config.model)
@@ -382,7 +387,8 @@ def fit(model: torch.nn.Module, train: ReferenceData, evaluation: ReferenceData,
             if step % PROGRESS_EVERY_STEPS == 0 or step == total_steps:
                 rate = step / max(now - started, 1e-9)
                 notify({"stage": "step", "step": step, "total_steps": total_steps, "epoch": epoch + 1,
-                        "loss": losses[-1], "steps_per_second": rate, "seconds_left": (total_steps - step) / rate})
+                        "epochs": config.epochs, "loss": losses[-1], "steps_per_second": rate,
+                        "seconds_left": (total_steps - step) / rate})
         stats = EpochStats(
             epoch=epoch + 1,
             steps=len(losses),

@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
+from curation_platform.cli.display import bar, example
 from curation_platform.cli.group import main, one_line, project_layout, stack
 from curation_platform.ingest import ShardReport, ingest_pool, write_ingestion
 from curation_platform.layout import ProjectLayout, ShardOutputs
@@ -33,10 +34,12 @@ def discover_with_progress(pool_uri: str, layout: ProjectLayout | None) -> list[
     cache_path = (layout.checksum_cache or machine_checksum_cache()) if layout else None
     cache = ChecksumCache(cache_path) if cache_path else None
     try:
-        with tqdm(desc="discovering shards", unit="shard", file=sys.stderr, leave=False) as bar:
-            shards = discover_shards(pool_uri, checksum_cache=cache, on_shard=lambda _: bar.update())
+        with bar("discovering shards", unit="shard", leave=False) as found:
+            shards = discover_shards(pool_uri, checksum_cache=cache, on_shard=lambda _: found.update())
     except FileNotFoundError as error:
-        raise click.BadParameter(f"{pool_uri} does not exist", param_hint="POOL_URI") from error
+        # a brace list names the shard files that are missing
+        message = f"{pool_uri} does not exist" if "{" not in pool_uri else one_line(error)
+        raise click.BadParameter(message, param_hint="POOL_URI") from error
     except (OSError, ValueError) as error:
         raise click.BadParameter(f"cannot read a pool at {pool_uri}: {one_line(error)}", param_hint="POOL_URI") \
             from error
@@ -46,17 +49,27 @@ def discover_with_progress(pool_uri: str, layout: ProjectLayout | None) -> list[
 
 
 def _ingest(shards: list[ShardRef], limits: ValidationLimits, workers: int, out_uri: str | None) -> list[ShardReport]:
-    """Ingest in name order; with ``out_uri`` the uid registry persists there, else it lasts for this run."""
+    """Ingest in name order; with ``out_uri`` the uid registry persists there, else it lasts for this run.
+
+    The bar counts tar bytes (a shard's sample count is known only once it is read), within each shard.
+    """
     reports = []
-    total = sum(shard.tar.size for shard in shards if shard.tar)
+    sizes = {shard.name: shard.tar.size if shard.tar else 0 for shard in shards}
     registry = LanceUidRegistry(ShardOutputs.uid_registry(out_uri)) if out_uri else MemoryUidRegistry()
-    with tqdm(total=total, desc="validating", unit="B", unit_scale=True, file=sys.stderr) as bar:
-        for ingestion in ingest_pool(shards, limits=limits, workers=workers, registry=registry):
+    with bar("validating", total=sum(sizes.values()), unit="B", unit_scale=True) as read:
+        finished = 0  # bytes of the shards already ingested
+
+        def within_shard(position: int) -> None:
+            read.update(finished + position - read.n)
+
+        for ingestion in ingest_pool(shards, limits=limits, workers=workers, registry=registry,
+                                     on_tar_bytes=within_shard):
             if out_uri:
                 write_ingestion(ingestion, out_uri)
             reports.append(ingestion.report)
-            bar.update(ingestion.report.bytes_read)
-            bar.set_postfix(shard=ingestion.report.shard, accepted=ingestion.report.accepted)
+            finished += sizes[ingestion.report.shard]
+            read.update(finished - read.n)
+            read.set_postfix(shard=ingestion.report.shard, accepted=ingestion.report.accepted)
     return reports
 
 
@@ -75,7 +88,7 @@ def _print_reports(reports: list[ShardReport]) -> None:
 
 
 
-@main.command("demo-pool")
+@main.command("demo-pool", epilog=example("demo-pool --out ./demo --shards 2 --samples-per-shard 200"))
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Directory to write the demo pool (pool/, reference/, target/, eval/ and ground truth).")
 @click.option("--shards", type=click.IntRange(min=1), default=4, show_default=True, help="Shards in the raw pool split.")
@@ -105,10 +118,10 @@ def build_demo_pool_into(out: Path, shards: int, samples_per_shard: int, seed: i
     bars: dict[str, tqdm] = {}
 
     def progress(stage: str, done: int, total: int) -> None:
-        bar = bars.get(stage)
-        if bar is None:
-            bar = bars[stage] = tqdm(total=total, desc=f"demo {stage}", unit="shard", file=sys.stderr, leave=False)
-        bar.update(done - bar.n)
+        split = bars.get(stage)
+        if split is None:
+            split = bars[stage] = bar(f"demo {stage}", total=total, unit="shard", leave=False)
+        split.update(done - split.n)
 
     try:
         return build_demo_pool(config, progress=progress).to_dict()
@@ -119,7 +132,7 @@ def build_demo_pool_into(out: Path, shards: int, samples_per_shard: int, seed: i
             bar.close()
 
 
-@main.command()
+@main.command(epilog=example("discover s3://bucket/pool --json"))
 @click.argument("pool_uri")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of a table.")
 def discover(pool_uri: str, as_json: bool) -> None:
@@ -134,7 +147,7 @@ def discover(pool_uri: str, as_json: bool) -> None:
         click.echo(f"{shard.shard_id}  {' '.join(sorted(shard.files))}")
 
 
-@main.command()
+@main.command(epilog=example("validate ./pool --min-side 64 --json"))
 @click.argument("pool_uri")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of a table.")
 @_limits_options
@@ -153,7 +166,7 @@ def validate(pool_uri: str, as_json: bool, min_side: int, max_pixels: int, max_c
         sys.exit(1)
 
 
-@main.command()
+@main.command(epilog=example("ingest ./pool --out ./validated --workers 8"))
 @click.argument("pool_uri")
 @click.option("--out", "out_uri", required=True, help="Where validated samples go (local path or s3:// URI).")
 @click.option("--home", default=None, help="Project home for state such as the checksum cache [env CURATION_HOME].")

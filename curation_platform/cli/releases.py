@@ -8,10 +8,11 @@ from pathlib import Path
 
 import click
 
+from curation_platform.cli.display import bar, example
 from curation_platform.cli.group import HOME_HELP, main, project_layout, require_tables, stack
 
 
-@main.group()
+@main.group(epilog=example("release show negclip-normsim"))
 def release() -> None:
     """Curated releases: create from a recipe, list, show, diff, verify, derive, export."""
 
@@ -44,7 +45,7 @@ def echo_funnel(manifest: dict) -> None:
         click.echo(f"  {stage['rows']:>10,}  {stage['stage']}")
 
 
-@release.command("create")
+@release.command("create", epilog=example("release create recipes/negclip-normsim.toml --home ./curation_home"))
 @click.argument("recipe_path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @_release_options
 @click.option("--lance", "lance_uri", default=None, help="LanceDB database with the scores (default <home>/lancedb).")
@@ -84,7 +85,7 @@ def _read_labels(path: str | None):
     return labels.select("uid", pl.col(column).cast(pl.String).alias("label"))
 
 
-@release.command("list")
+@release.command("list", epilog=example("release list --releases s3://bucket/releases"))
 @_release_options
 def release_list(home: str | None, releases_uri: str | None) -> None:
     """Every published release with its size and creation time."""
@@ -114,7 +115,7 @@ def _release_uri(home: str | None, releases_uri: str | None, reference: str) -> 
     return storage.join(base, name, version)
 
 
-@release.command("show")
+@release.command("show", epilog=example("release show negclip-normsim/1 --json"))
 @click.argument("reference")
 @_release_options
 @click.option("--json", "as_json", is_flag=True, help="Print the whole manifest.")
@@ -137,7 +138,7 @@ def release_show(reference: str, home: str | None, releases_uri: str | None, as_
     echo_funnel(manifest)
 
 
-@release.command("diff")
+@release.command("diff", epilog=example("release diff negclip-normsim/1 negclip-normsim/2"))
 @click.argument("first")
 @click.argument("second")
 @_release_options
@@ -154,7 +155,7 @@ def release_diff(first: str, second: str, home: str | None, releases_uri: str | 
                        f"median {shift['median_a']:.4g} -> {shift['median_b']:.4g}")
 
 
-@release.command("verify")
+@release.command("verify", epilog=example("release verify negclip-normsim/1"))
 @click.argument("reference")
 @_release_options
 @click.option("--no-rederive", is_flag=True, help="Only check the files against SHA256SUMS.")
@@ -177,7 +178,7 @@ def release_verify(reference: str, home: str | None, releases_uri: str | None, n
         sys.exit(1)
 
 
-@release.command("derive")
+@release.command("derive", epilog=example("release derive --from negclip-normsim/1 --exclude takedown_uids.txt"))
 @click.option("--from", "parent", required=True, help="Parent release (name, name/version or path).")
 @click.option("--exclude", "exclude_path", required=True, type=click.Path(exists=True, dir_okay=False),
               help="Text file of uids to leave out, one per line.")
@@ -193,7 +194,7 @@ def release_derive(parent: str, exclude_path: str, home: str | None, releases_ur
                f"({removed} uids excluded, parent {created.manifest['parent']['release_id']})")
 
 
-@release.command("export")
+@release.command("export", epilog=example("release export negclip-normsim/1 --out ./shards"))
 @click.argument("reference")
 @_release_options
 @click.option("--out", "out_uri", required=True, help="Folder for the shards (local or s3://; new, empty or "
@@ -204,16 +205,14 @@ def release_export(reference: str, home: str | None, releases_uri: str | None, o
                    samples_per_shard: int) -> None:
     """Write a release's samples as webdataset training shards (image bytes unchanged), for open_clip's
     --train-data or webdataset; REFERENCE: name, name/version or path."""
-    from tqdm import tqdm
-
     from curation_platform.evaluation.export import ExportError, export_release
     from curation_platform.releases import open_release
 
     uri = _release_uri(home, releases_uri, reference)
     total = open_release(uri).manifest.get("selected")
-    with tqdm(total=total, desc="exporting", unit="sample", file=sys.stderr) as bar:
+    with bar("exporting", total=total) as exported:
         try:
-            result = export_release(uri, out_uri, samples_per_shard=samples_per_shard, on_shard=bar.update)
+            result = export_release(uri, out_uri, samples_per_shard=samples_per_shard, on_shard=exported.update)
         except ExportError as error:
             raise click.ClickException(str(error)) from error
     click.echo(f"{result.samples:,} samples in {len(result.shards)} shards at {result.uri}")
@@ -244,7 +243,7 @@ def echo_evaluation(record: dict, uri: str) -> None:
                    "cannot rank them on it (a larger scale or more samples seen)", err=True)
 
 
-@release.command("evaluate")
+@release.command("evaluate", epilog=example("release evaluate negclip-normsim/1 --scale demo --seeds 2"))
 @click.argument("reference")
 @_release_options
 @click.option("--scale", "scale_name", type=click.Choice(["demo", "small", "medium"]), default="demo",
@@ -262,8 +261,6 @@ def release_evaluate(reference: str, home: str | None, releases_uri: str | None,
     """Train a student CLIP from scratch on a release (open_clip_train) and on its baselines at equal compute,
     evaluate them zero-shot (clip_benchmark) and publish a checksummed record; REFERENCE: name, name/version
     or path."""
-    from tqdm import tqdm
-
     from curation_platform.evaluation.evaluate import evaluate_release, project_benchmarks
     from curation_platform.evaluation.record import write_leaderboard
     from curation_platform.evaluation.scales import get_scale
@@ -276,10 +273,10 @@ def release_evaluate(reference: str, home: str | None, releases_uri: str | None,
     except ValueError as error:
         raise click.UsageError(str(error)) from error
     evaluations = _evaluations_uri(home, evaluations_uri)
-    with tqdm(total=len(seed_list) * (1 + len(chosen)), desc="training students", unit="run", file=sys.stderr) as bar:
+    with bar("training students", total=len(seed_list) * (1 + len(chosen)), unit="run") as runs:
         def on_run(run: dict) -> None:
-            bar.update()
-            bar.set_postfix(arm=run["arm"], seed=run["seed"])
+            runs.update()
+            runs.set_postfix(arm=run["arm"], seed=run["seed"])
 
         evaluated = evaluate_release(_release_uri(home, releases_uri, reference), evaluations, scale, sets,
                                      seeds=seed_list, baselines=chosen, device=device, on_run=on_run)
@@ -288,7 +285,7 @@ def release_evaluate(reference: str, home: str | None, releases_uri: str | None,
     click.echo(f"leaderboard: {board['markdown']}")
 
 
-@release.command("leaderboard")
+@release.command("leaderboard", epilog=example("release leaderboard --home ./curation_home"))
 @_release_options
 @click.option("--evaluations", "evaluations_uri", default=None, help="Where records are (default <home>/evaluations).")
 def release_leaderboard(home: str | None, releases_uri: str | None, evaluations_uri: str | None) -> None:

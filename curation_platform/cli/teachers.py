@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import replace
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, replace
+from typing import Any, Self
 
 import click
 from tqdm import tqdm
 
+from curation_platform.cli.display import activity, bar, example, warn
 from curation_platform.cli.group import main, one_line, stack
 from curation_platform.cli.pool import discover_with_progress
 from curation_platform.layout import ProjectLayout
@@ -36,7 +40,8 @@ def load_cli_teacher(spec, device="cpu"):
     from curation_platform.teachers import TeacherLoadError, load_teacher
 
     try:
-        return load_teacher(spec, device=device)
+        with activity(f"loading the teacher ({spec.describe()})"):
+            return load_teacher(spec, device=device)
     except TeacherLoadError as error:
         raise click.ClickException(str(error)) from error
 
@@ -57,9 +62,8 @@ def _embed(pool_uri: str, validated_uri: str, lance_uri: str, table: str, spec, 
     click.echo(f"teacher {teacher.teacher_id}: {teacher.spec.describe()}, a = {teacher.logit_scale:.1f}")
     sink = LanceSink(lance_uri, table=table)
     started = time.perf_counter()
-    with tqdm(total=sum(samples.num_rows for _, samples in jobs), desc="embedding", unit="pair",
-              file=sys.stderr) as bar:
-        reports = embed_shards(teacher, jobs, sink, config, on_shard=lambda report: bar.update(report.rows))
+    with bar("embedding", total=sum(samples.num_rows for _, samples in jobs), unit="pair") as embedded:
+        reports = embed_shards(teacher, jobs, CountedSink(sink, embedded), config)
     rows = sum(report.commit.rows for report in reports)
     seconds = time.perf_counter() - started
     click.echo(f"embedded {rows} pairs of {len(jobs)} shards into {lance_uri}/{table} in {seconds:.1f} s "
@@ -71,14 +75,42 @@ def _embed(pool_uri: str, validated_uri: str, lance_uri: str, table: str, spec, 
                                    "re-run `ingest`, which quarantines them as cross_shard_duplicate")
 
 
-@main.command()
+class CountedSink:
+    """A sink whose every written batch moves a bar: the engine reports shards, this counts pairs within them."""
+
+    def __init__(self, sink: Any, counted: tqdm) -> None:
+        self.sink, self.counted = sink, counted
+
+    @property
+    def last_commit(self) -> Any:
+        return self.sink.last_commit
+
+    @contextmanager
+    def shard_writer(self, shard: str, teacher_id: str, dim: int) -> Iterator[CountedWriter]:
+        with self.sink.shard_writer(shard, teacher_id, dim) as writer:
+            yield CountedWriter(writer, self.counted)
+
+
+@dataclass(frozen=True)
+class CountedWriter:
+    writer: Any
+    counted: tqdm
+
+    def write(self, batch: Any) -> None:
+        self.writer.write(batch)
+        self.counted.update(batch.num_rows)
+
+
+@main.command(epilog=example("embed ./pool --validated ./validated --lance ./lancedb --teacher ./teacher "
+                             "--batch-size 512"))
 @click.argument("pool_uri")
 @click.option("--validated", "validated_uri", required=True, help="Where `ingest --out` wrote validated samples.")
 @click.option("--lance", "lance_uri", required=True, help="LanceDB database (local path or s3:// URI).")
 @click.option("--table", default="embeddings", show_default=True, help="LanceDB table name.")
 @teacher_options
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True, help="Pairs per forward pass.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Pairs per forward pass (throughput only: no embedding depends on it).")
 @click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True, help="Decode/tokenize worker processes.")
 def embed(pool_uri: str, validated_uri: str, lance_uri: str, table: str, teacher_checkpoint: str | None,
           arch: str | None, pretrained: str | None, device: str, batch_size: int, workers: int) -> None:
@@ -89,23 +121,47 @@ def embed(pool_uri: str, validated_uri: str, lance_uri: str, table: str, teacher
 
 
 class TrainingBar:
-    """Per-step progress of a teacher's training on stderr: steps, loss, steps/s and time left."""
+    """A teacher's training (:data:`~curation_platform.training.ProgressCallback`) on stderr: elapsed
+    time while the split decodes, then steps with epoch k/n, the loss and the time left. Used as a
+    context manager, so whatever is on screen is closed however training ends."""
 
     def __init__(self) -> None:
-        self.bar: tqdm | None = None
+        self.shown = ExitStack()
+        self.steps: tqdm | None = None
+        self.held_out_loss = ""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shown.close()
+        self.steps = None
 
     def __call__(self, event: dict) -> None:
         stage = event.get("stage")
-        if stage == "data":
-            click.echo(f"training the teacher: {event['train']:,} pairs ({event['held_out']:,} held out), "
-                       f"{event['total_steps']} steps, {event['precision']} on this CPU", err=True)
-            self.bar = tqdm(total=event["total_steps"], desc="training teacher", unit="step", file=sys.stderr)
-        elif stage == "step" and self.bar is not None:
-            self.bar.update(event["step"] - self.bar.n)
-            self.bar.set_postfix(loss=f"{event['loss']:.3f}", epoch=event["epoch"], refresh=False)
-        elif stage == "saved" and self.bar is not None:
-            self.bar.close()
-            self.bar = None
+        if stage == "loading":
+            self.shown.enter_context(activity(f"reading the training split {event['reference_uri']}"))
+        elif stage == "data":
+            self.shown.close()
+            self._start(event)
+        elif stage == "step" and self.steps is not None:
+            self.steps.update(event["step"] - self.steps.n)
+            self.steps.set_postfix_str(f"epoch {event['epoch']}/{event['epochs']}, loss {event['loss']:.3f}"
+                                       f"{self.held_out_loss}", refresh=False)
+        elif stage == "epoch":
+            self.held_out_loss = f", held-out loss {event['held_out_loss']:.3f}"
+        elif stage == "saved":
+            self.shown.close()
+            self.steps = None
+
+    def _start(self, event: dict) -> None:
+        pairs = event["train"] + event["held_out"]
+        click.echo(f"training the teacher: {event['train']:,} pairs ({event['held_out']:,} held out), "
+                   f"{event['total_steps']} steps, {event['precision']} on this CPU", err=True)
+        if event.get("max_samples") is not None and pairs >= event["max_samples"]:
+            warn(f"the teacher trains on the split's first {event['max_samples']:,} accepted pairs only "
+                 "(TrainingConfig.max_samples bounds the memory); later ones are not read")
+        self.steps = self.shown.enter_context(bar("training teacher", total=event["total_steps"], unit="step"))
 
 
 training_options = stack([
@@ -127,7 +183,7 @@ def training_overrides(epochs: int | None, precision: str, threads: int | None,
     return {"precision": precision} | {name: value for name, value in chosen.items() if value is not None}
 
 
-@main.command("train-teacher")
+@main.command("train-teacher", epilog=example("train-teacher ./demo/reference --out ./teacher --epochs 15"))
 @click.argument("reference_uri")
 @click.option("--out", "out_uri", required=True, help="Teacher directory to write (local path or s3:// URI).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of initialisation, split and order.")
@@ -145,7 +201,8 @@ def train_teacher_command(reference_uri: str, out_uri: str, seed: int, epochs: i
 
     config = replace(TrainingConfig(seed=seed), **training_overrides(epochs, precision, threads, max_seconds))
     try:
-        report = train_teacher(reference_uri, out_uri, config, progress=TrainingBar())
+        with TrainingBar() as progress:
+            report = train_teacher(reference_uri, out_uri, config, progress=progress)
     except TrainingTimeLimitExceeded as error:
         raise click.ClickException(str(error)) from error
     metrics = report.held_out
