@@ -1,20 +1,31 @@
-"""Release report: a Markdown page with PNG figures on what a release kept from its pool.
+"""Release report: a Markdown page, the same page as self-contained HTML, and PNG figures on what a
+release kept from its pool.
 
-:func:`write_report` writes ``report.md`` and ``figures/*.png``: the selection funnel, score histograms
-(pool vs selected, with the recipe's cut-offs), caption n-gram coverage by ``kl_text`` decile, example
-grids of the highest and lowest scored pool samples per cut score, and language and caption-length
-composition. Figures use matplotlib's object API under a fixed style and are saved without metadata,
-so the same inputs give byte-identical files. Only the grid examples' images are loaded.
+:func:`write_report` writes ``report.md``, ``report.html`` and ``figures/*.png``: provenance, the
+data-quality check results, the ingestion funnel before the pool, the selection funnel, score histograms
+(pool vs selected, with the recipe's cut-offs), the samples just either side of each cut-off, a seeded
+random sample of the release, caption n-gram coverage by ``kl_text`` decile, example grids of the highest
+and lowest scored pool samples per cut score, and language and caption-length composition. Every figure
+is at most :data:`MAX_WIDTH_PX` wide so an orchestrator UI can show it as is; :func:`inline_markdown`
+packs the funnel, those figures and a preview table into one Markdown string under a byte budget.
+Figures use matplotlib's object API (``Figure`` on the Agg canvas, the caller's pyplot backend untouched)
+under a fixed style and are saved without metadata, and the random sample is picked by a keyed hash of
+the uid, so the same inputs give byte-identical files. Only the grid examples' images are loaded.
 """
 
 from __future__ import annotations
 
+import base64
 import functools
+import hashlib
+import heapq
+import html
 import io
 import math
 import re
 import textwrap
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +38,7 @@ from matplotlib.ft2font import FT2Font
 from PIL import Image, ImageOps
 
 from curation_platform.analysis import _quantile_group, kl_decile_ngram_coverage, panel_grid, score_histograms
+from curation_platform.reasons import REASON_DESCRIPTIONS, Reason
 
 # the sample columns of a report's pool frame that are not scores (every other float column is one)
 REPORT_SAMPLE_COLUMNS = ("uid", "shard", "key", "caption", "language", "caption_words", "caption_chars", "width",
@@ -34,27 +46,61 @@ REPORT_SAMPLE_COLUMNS = ("uid", "shard", "key", "caption", "language", "caption_
 FONT = "DejaVu Sans"
 STYLE = {"font.family": [FONT], "font.size": 9.0, "axes.titlesize": 10.0}
 DPI = 100
-FUNNEL_LABEL_CHARS = 48  # stage labels wrap so the bars keep their width
+MAX_WIDTH_PX = 800  # every figure fits an orchestrator's metadata pane without scaling
+FUNNEL_LABEL_CHARS = 40  # stage labels wrap so the bars keep their width
 THUMB = 96
-GRID_COLUMNS = 8
+GRID_COLUMNS = 4
+CELL = (1.55, 2.3)  # inches per grid cell: a thumbnail, its title and three caption lines
 CAPTION_WIDTH, CAPTION_LINES = 24, 3
 TOP_LANGUAGES = 10
 HIST_BINS = 40
 POOL_COLOUR, SELECTED_COLOUR = "0.6", "tab:blue"
+AROUND_CUTOFF = 4  # samples shown on each side of a cut-off: one grid row each
+RANDOM_SAMPLE = 12  # a 4 x 3 grid
+SAMPLE_KEY = b"release-report-sample-v1"  # keys the uid hash: the same uids are drawn for every release
+PREVIEW_ROWS = 10
+PREVIEW_SCORES = 4
+TABLE_CAPTION_CHARS = 80
+PROVENANCE_SHARDS = 5
+INLINE_MAX_BYTES = 300_000
+INLINE_SCALES = (1.0, 0.8, 0.64, 0.5, 0.4)  # of the figure's width, tried in turn until it fits its share
+INLINE_NOTE_BYTES = 160  # reserved per figure for the note naming it when it cannot fit
 
 ImageLoader = Callable[[list[str]], dict[str, bytes]]
 
 
+@dataclass(frozen=True)
+class ReportResult:
+    """What :func:`write_report` wrote, and the parts an orchestrator shows inline (:func:`inline_markdown`)."""
+
+    markdown: Path
+    html: Path
+    figures: tuple[Path, ...]  # every PNG, in report order
+    ui_images: tuple[tuple[str, Path], ...]  # (alt text, PNG): funnel, cut score histograms, cut-off and sample grids
+    funnel_table: str  # Markdown: the ingestion funnel (when given) and the selection funnel
+    preview_table: str  # Markdown: the first rows of the release's random sample with their ranked scores
+
+    @property
+    def paths(self) -> list[Path]:
+        return [self.markdown, self.html, *self.figures]
+
+
 def write_report(out: Path, *, title: str, pool: pl.DataFrame, selected_uids: pl.Series, funnel: list[dict],
                  cutoffs: dict[str, float], load_images: ImageLoader, manifest_summary: dict,
-                 examples_per_grid: int = 16) -> list[Path]:
-    """Write ``out/report.md`` and its figures under ``out/figures``; returns the written paths.
+                 examples_per_grid: int = 16, ingestion: Mapping[str, Any] | None = None,
+                 checks: Mapping[str, str] | None = None, provenance: Mapping[str, Any] | None = None,
+                 extra_sections: Sequence[str] = ()) -> ReportResult:
+    """Write ``out/report.md``, ``out/report.html`` and the figures under ``out/figures``.
 
     ``pool`` holds one row per scored pool sample (:data:`REPORT_SAMPLE_COLUMNS` plus float score columns),
     ``selected_uids`` the release's uids, ``funnel`` ``{"stage", "rows_in", "rows_out"}`` dicts in order,
     ``cutoffs`` the effective threshold per cut score (cut-offs on columns missing from the pool are
     listed but not drawn). ``load_images(uids)`` returns encoded images by uid; missing or undecodable
-    ones get a placeholder cell.
+    ones get a placeholder cell. Optional sections: ``ingestion`` ``{"samples", "accepted",
+    "quarantined": {reason code: count}}`` (plus ``"shards"``) summed over the pool's shard reports;
+    ``checks`` check name -> latest status; ``provenance`` scalar fields (git commit, created-at, ...)
+    and ``"input_shards"``, the manifest's list of ``{"shard", "shard_id", "checksum", "samples"}``;
+    ``extra_sections`` Markdown (headings, paragraphs, pipe tables) appended to both versions.
     """
     out = Path(out)
     figures = out / "figures"
@@ -62,20 +108,56 @@ def write_report(out: Path, *, title: str, pool: pl.DataFrame, selected_uids: pl
     flagged = pool.with_columns(selected=pl.col("uid").is_in(selected_uids.implode()))
     cut = [name for name in cutoffs if name in pool.columns]
     scores = cut + [name for name in _score_columns(pool) if name not in cut]
+    sample = _random_sample(flagged.filter("selected"), RANDOM_SAMPLE)
     written: list[Path] = []
     with style.context(["default", STYLE]):  # independent of the user's matplotlibrc
         sections = [
             _manifest_section(manifest_summary, flagged, selected_uids),
-            _funnel_section(funnel, figures, written),
-            _scores_section(flagged, scores, cutoffs, figures, written),
+            _provenance_section(provenance),
+            _checks_section(checks),
+            _ingestion_section(ingestion),
+            _funnel_section(funnel, ingestion, figures, written),
+            _scores_section(flagged, scores, cut, cutoffs, figures, written),
             _coverage_section(flagged, figures, written),
+            _around_cutoffs_section(flagged, cut, cutoffs, load_images, figures, written),
+            _random_sample_section(sample, scores, load_images, figures, written),
             _composition_section(flagged, figures, written),
             _examples_section(flagged, cut, load_images, examples_per_grid, figures, written),
             _duplicates_section(flagged, cutoffs, load_images, figures, written),
+            *extra_sections,
         ]
-    report = out / "report.md"
-    report.write_text("\n\n".join([f"# {title}", *[s for s in sections if s]]) + "\n", encoding="utf-8")
-    return [report, *written]
+    markdown = "\n\n".join([f"# {title}", *[s.strip() for s in sections if s.strip()]]) + "\n"
+    report, page = out / "report.md", out / "report.html"
+    report.write_text(markdown, encoding="utf-8")
+    page.write_text(_html_page(title, markdown, out), encoding="utf-8")
+    ui = tuple((path.stem.replace("_", " "), path) for path in written if _shown_inline(path))
+    funnel_table = "\n\n".join(t for t in (_ingestion_table(ingestion), _funnel_table(funnel)) if t)
+    preview = _sample_table(sample.head(PREVIEW_ROWS), scores[:PREVIEW_SCORES])
+    return ReportResult(report, page, tuple(written), ui, funnel_table, preview)
+
+
+def inline_markdown(result: ReportResult, max_bytes: int = INLINE_MAX_BYTES) -> str:
+    """The funnel tables, the UI figures and the preview table as one Markdown string for Dagster's
+    ``MetadataValue.md``: its UI renders ``data:image/png;base64`` images (not links relative to a report
+    folder it cannot read), so each figure is embedded, re-encoded as a palette PNG and downscaled until
+    the whole string is at most ``max_bytes`` (UTF-8); a figure that cannot fit is named instead. Only
+    tables longer than ``max_bytes`` on their own exceed it."""
+    head = f"### Funnel\n\n{result.funnel_table}" if result.funnel_table else ""
+    tail = f"### Preview: random samples of the release\n\n{result.preview_table}"
+    budget = max_bytes - len(f"{head}\n\n{tail}\n".encode()) - INLINE_NOTE_BYTES * len(result.ui_images)
+    figures = []
+    for index, (alt, path) in enumerate(result.ui_images):
+        share = budget // (len(result.ui_images) - index)
+        uri = _data_uri(path, share - len(alt.encode()) - 8)
+        entry = f"![{alt}]({uri})" if uri else f"({alt}: left out to stay under {max_bytes:,} bytes; see report.html)"
+        figures.append(entry)
+        budget += INLINE_NOTE_BYTES - len(entry.encode()) - 2  # this figure's reserve, freed, less what it took
+    return "\n\n".join(part for part in (head, *figures, tail) if part) + "\n"
+
+
+def _shown_inline(path: Path) -> bool:
+    return path.name in ("funnel.png", "score_histograms.png", "random_sample.png") or path.name.startswith(
+        "around_cutoff_")
 
 
 def _score_columns(pool: pl.DataFrame) -> list[str]:
@@ -83,6 +165,19 @@ def _score_columns(pool: pl.DataFrame) -> list[str]:
     floats = [name for name, dtype in pool.schema.items() if dtype.is_float() and name not in REPORT_SAMPLE_COLUMNS]
     present = pool.select(pl.col(floats).is_finite().any()).row(0, named=True) if floats else {}
     return [name for name in floats if present[name]]
+
+
+def _random_sample(rows: pl.DataFrame, size: int) -> pl.DataFrame:
+    """The ``size`` rows with the smallest keyed hash of their uid, in that order: uniform, yet the same on
+    every run and whatever the row order (no clock, no random state), and the same uids across releases."""
+    picked = heapq.nsmallest(size, rows["uid"].to_list(), key=_sample_key)
+    order = pl.DataFrame({"uid": picked, "_order": range(len(picked))}, schema={"uid": pl.String,
+                                                                               "_order": pl.Int64})
+    return rows.join(order, on="uid").sort("_order").drop("_order")
+
+
+def _sample_key(uid: str) -> tuple[bytes, str]:
+    return hashlib.blake2b(uid.encode(), digest_size=8, key=SAMPLE_KEY).digest(), uid
 
 
 # -- sections: each returns its Markdown and appends the figures it wrote to ``written`` ----------
@@ -95,36 +190,142 @@ def _manifest_section(summary: Mapping[str, Any], flagged: pl.DataFrame, selecte
     return "## Release\n\n" + _table(("field", "value"), rows)
 
 
-def _funnel_section(funnel: Sequence[Mapping[str, Any]], figures: Path, written: list[Path]) -> str:
+def _provenance_section(provenance: Mapping[str, Any] | None) -> str:
+    """What the release was made from: scalar fields, then the input shard count and the first shards."""
+    if provenance is None:
+        return ""
+    fields = {key: value for key, value in provenance.items() if key != "input_shards"}
+    rows = [(_cell(key), _cell("–" if value is None else value)) for key, value in _flatten(fields)]
+    parts = ["## Provenance"]
+    shards = list(provenance.get("input_shards") or [])
+    if "input_shards" in provenance:
+        samples = sum(shard.get("samples") or 0 for shard in shards)
+        rows.append(("input shards", f"{len(shards):,} ({samples:,} scored samples)"))
+    parts.append(_table(("field", "value"), rows))
+    if shards:
+        shown = [tuple(_cell("–" if shard.get(key) is None else shard[key]) for key in
+                       ("shard", "shard_id", "checksum", "samples")) for shard in shards[:PROVENANCE_SHARDS]]
+        more = f" (the first {PROVENANCE_SHARDS} of {len(shards):,}; all are listed in manifest.json)" \
+            if len(shards) > PROVENANCE_SHARDS else ""
+        parts += [f"Input shards{more}:", _table(("shard", "shard id", "checksum", "samples"), shown)]
+    return "\n\n".join(parts)
+
+
+def _checks_section(checks: Mapping[str, str] | None) -> str:
+    """The latest status of each data-quality check, as the orchestrator recorded it for this release."""
+    if checks is None:
+        return ""
+    if not checks:
+        return "## Data-quality checks\n\nNo check results were recorded."
+    counts: dict[str, int] = {}
+    for status in checks.values():
+        counts[str(status)] = counts.get(str(status), 0) + 1
+    summary = ", ".join(f"{count} {_cell(status)}" for status, count in sorted(counts.items()))
+    rows = [(_cell(name), _cell(status)) for name, status in sorted(checks.items())]
+    return f"## Data-quality checks\n\n{len(checks)} checks: {summary}.\n\n" + _table(("check", "status"), rows)
+
+
+def _ingestion_section(ingestion: Mapping[str, Any] | None) -> str:
+    if ingestion is None:
+        return ""
+    samples, accepted = int(ingestion["samples"]), int(ingestion["accepted"])
+    quarantined = sum(int(n) for n in ingestion.get("quarantined", {}).values())
+    note = "" if samples == accepted + quarantined else (
+        f"\n\nThe counts do not reconcile: {accepted:,} accepted + {quarantined:,} quarantined ≠ {samples:,}.")
+    shards = f" in {int(ingestion['shards']):,} shards" if "shards" in ingestion else ""
+    return (f"## Ingestion\n\nEvery sample the shards mention{shards}, before the pool: each is accepted or "
+            f"quarantined with one reason code.\n\n{_ingestion_table(ingestion)}{note}")
+
+
+def _ingestion_table(ingestion: Mapping[str, Any] | None) -> str:
+    if ingestion is None:
+        return ""
+    samples = int(ingestion["samples"])
+    rows = [(_cell(label), f"{count:,}", _percent(count, samples), _cell(why))
+            for label, count, why in _ingestion_stages(ingestion)]
+    return _table(("ingestion", "samples", "of shard samples", "why"), rows)
+
+
+def _ingestion_stages(ingestion: Mapping[str, Any]) -> list[tuple[str, int, str]]:
+    """Shard samples, the not-downloaded ones, the other quarantine reasons (largest first), accepted."""
+    reasons = {str(reason): int(count) for reason, count in ingestion.get("quarantined", {}).items()}
+    not_downloaded = reasons.pop(Reason.NOT_DOWNLOADED.value, 0)
+    stages = [("samples in the shards", int(ingestion["samples"]), ""),
+              ("not downloaded", not_downloaded, REASON_DESCRIPTIONS[Reason.NOT_DOWNLOADED])]
+    for reason, count in sorted(reasons.items(), key=lambda item: (-item[1], item[0])):
+        stages.append((f"quarantined: {reason}", count, _reason_description(reason)))
+    stages.append(("accepted into the pool", int(ingestion["accepted"]), ""))
+    return stages
+
+
+def _reason_description(reason: str) -> str:
+    """The code's description; none for a code this version does not know (reports of newer ingests)."""
+    try:
+        return REASON_DESCRIPTIONS.get(Reason(reason), "")
+    except ValueError:
+        return ""
+
+
+def _funnel_table(funnel: Sequence[Mapping[str, Any]]) -> str:
     first = funnel[0]["rows_in"] if funnel else 0
     rows = [(_cell(s["stage"]), f"{s['rows_in']:,}", f"{s['rows_out']:,}", _percent(s["rows_out"], s["rows_in"]),
              _percent(s["rows_out"], first)) for s in funnel]
-    labels = [textwrap.fill(str(s["stage"]), width=FUNNEL_LABEL_CHARS) for s in funnel]
-    lines = sum(label.count("\n") + 1 for label in labels)
-    figure = Figure(figsize=(10.0, 0.3 * lines + 0.2 * len(funnel) + 1.4), layout="constrained")
-    axis = figure.subplots()
-    counts = [s["rows_out"] for s in funnel]
-    bars = axis.barh(range(len(funnel)), counts, color=SELECTED_COLOUR)
-    axis.bar_label(bars, labels=[f"{c:,} ({_percent(c, first)})" for c in counts], padding=3, fontsize=8)
-    axis.set_yticks(range(len(funnel)), labels)
-    axis.invert_yaxis()
-    axis.set(xlabel="rows out", title=f"Selection funnel (input {first:,} rows)")
-    axis.margins(x=0.25)
-    link = _save(figure, figures / "funnel.png", written)
-    table = _table(("stage", "rows in", "rows out", "kept", "of input"), rows)
-    return f"## Funnel\n\n{table}\n\n![Selection funnel]({link})"
+    return _table(("stage", "rows in", "rows out", "kept", "of input"), rows)
 
 
-def _scores_section(flagged: pl.DataFrame, scores: Sequence[str], cutoffs: Mapping[str, float], figures: Path,
+def _funnel_section(funnel: Sequence[Mapping[str, Any]], ingestion: Mapping[str, Any] | None, figures: Path,
                     written: list[Path]) -> str:
+    """The selection funnel's table and bars; with ``ingestion``, the bars start at the shards' samples."""
+    bars = [(str(s["stage"]), int(s["rows_out"])) for s in funnel]
+    first = funnel[0]["rows_in"] if funnel else 0
+    heading = f"Selection funnel (input {first:,} rows)"
+    if ingestion is not None:
+        stages = _ingestion_stages(ingestion)
+        samples, not_downloaded = stages[0][1], stages[1][1]
+        bars = [("samples in the shards", samples), ("downloaded", samples - not_downloaded),
+                ("accepted into the pool", int(ingestion["accepted"]))] + bars
+        first, heading = samples, f"Funnel from the shards ({samples:,} samples)"
+    labels = [textwrap.fill(label, width=FUNNEL_LABEL_CHARS) for label, _ in bars]
+    lines = sum(label.count("\n") + 1 for label in labels)
+    figure = Figure(figsize=(MAX_WIDTH_PX / DPI, 0.3 * lines + 0.2 * len(bars) + 1.4), layout="constrained")
+    axis = figure.subplots()
+    counts = [count for _, count in bars]
+    drawn = axis.barh(range(len(bars)), counts, color=SELECTED_COLOUR)
+    axis.bar_label(drawn, labels=[f"{c:,} ({_percent(c, first)})" for c in counts], padding=3, fontsize=8)
+    axis.set_yticks(range(len(bars)), labels)
+    axis.invert_yaxis()
+    axis.set(xlabel="rows out", title=heading)
+    axis.margins(x=0.3)
+    link = _save(figure, figures / "funnel.png", written)
+    return f"## Funnel\n\n{_funnel_table(funnel)}\n\n![Selection funnel]({link})"
+
+
+def _scores_section(flagged: pl.DataFrame, scores: Sequence[str], cut: Sequence[str], cutoffs: Mapping[str, float],
+                    figures: Path, written: list[Path]) -> str:
+    """The stats table of every score; histograms of the cut scores (all scores without any), then the rest."""
     missing = [name for name in cutoffs if name not in flagged.columns]
     note = f"\n\nCut-offs on columns not in the pool (not drawn): {', '.join(missing)}." if missing else ""
     if not scores:
         return "## Scores\n\nNo score columns in the pool." + note
+    selected = flagged.filter("selected")
+    rows = [(name, "" if cutoffs.get(name) is None else f"{cutoffs[name]:.4g}", *_stats(flagged[name]),
+             *_stats(selected[name])) for name in scores]
+    header = ("score", "cut-off", "pool n", "pool median", "pool missing", "selected n", "selected median",
+              "selected missing")
+    drawn = list(cut) or list(scores)
+    rest = [name for name in scores if name not in drawn]
+    links = [_histograms(flagged, drawn, cutoffs, figures / "score_histograms.png", written)]
+    if rest:
+        links.append(_histograms(flagged, rest, cutoffs, figures / "score_histograms_other.png", written))
+    images = "\n\n".join(f"![Score histograms, pool vs selected]({link})" for link in links)
+    return f"## Scores\n\n{_table(header, rows)}{note}\n\n{images}"
+
+
+def _histograms(flagged: pl.DataFrame, scores: Sequence[str], cutoffs: Mapping[str, float], path: Path,
+                written: list[Path]) -> str:
     histograms = score_histograms(flagged, scores, bins=HIST_BINS)
     selected = flagged.filter("selected")
-    figure, axes = panel_grid(len(scores), size=(4.0, 2.8))
-    rows = []
+    figure, axes = panel_grid(len(scores), columns=2, size=(3.9, 2.6))
     for axis, name in zip(axes, scores):
         part = histograms.filter(pl.col("column") == name).sort("bin")
         edges = np.append(part["lower"].to_numpy(), part["upper"][-1])
@@ -136,11 +337,61 @@ def _scores_section(flagged: pl.DataFrame, scores: Sequence[str], cutoffs: Mappi
             axis.axvline(cutoff, color="tab:red", linestyle="--", label=f"cut-off {cutoff:.4g}")
         axis.set(title=name, ylabel="samples")
         axis.legend(fontsize="x-small")
-        rows.append((name, "" if cutoff is None else f"{cutoff:.4g}", *_stats(flagged[name]), *_stats(selected[name])))
-    link = _save(figure, figures / "score_histograms.png", written)
-    header = ("score", "cut-off", "pool n", "pool median", "pool missing", "selected n", "selected median",
-              "selected missing")
-    return (f"## Scores\n\n{_table(header, rows)}{note}\n\n![Score histograms, pool vs selected]({link})")
+    return _save(figure, path, written)
+
+
+def _around_cutoffs_section(flagged: pl.DataFrame, cut: Sequence[str], cutoffs: Mapping[str, float],
+                            load_images: ImageLoader, figures: Path, written: list[Path]) -> str:
+    """Per finite cut-off, the pool samples just below and at or above it: what the threshold decides on."""
+    drawn = [name for name in cut if math.isfinite(cutoffs[name])]
+    if not drawn:
+        return ""
+    parts = [("## Around the cut-offs\n\nThe pool samples closest to each cut-off: the grid's top row lies just "
+              "below it, the bottom row at or above it; a green frame and a ✓ mark the selected ones.")]
+    for name in drawn:
+        below, above = _around(flagged, name, cutoffs[name], AROUND_CUTOFF)
+        cells = [None] * (AROUND_CUTOFF - below.height) + list(below.iter_rows(named=True))
+        cells += list(above.iter_rows(named=True)) + [None] * (AROUND_CUTOFF - above.height)
+        titles = [_cell_title(row, name) for row in cells]
+        link = _grid(cells, titles, load_images, figures / f"around_cutoff_{_slug(name)}.png", written,
+                     heading=f"{name}: cut-off {cutoffs[name]:.4g} (top: below, bottom: at or above)")
+        table = _sample_table(pl.concat([below, above]), [name], side=cutoffs[name])
+        parts.append(f"### {name} (cut-off {cutoffs[name]:.4g})\n\n![Around the {name} cut-off]({link})\n\n{table}")
+    return "\n\n".join(parts)
+
+
+def _around(flagged: pl.DataFrame, score: str, cutoff: float, count: int) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The ``count`` largest values below ``cutoff`` and the ``count`` smallest at or above it, ascending."""
+    scored = flagged.filter(pl.col(score).is_finite())
+    below = scored.filter(pl.col(score) < cutoff).top_k(count, by=[score, "uid"], reverse=[False, True])
+    above = scored.filter(pl.col(score) >= cutoff).bottom_k(count, by=[score, "uid"])
+    return below.sort([score, "uid"]), above.sort([score, "uid"])
+
+
+def _random_sample_section(sample: pl.DataFrame, scores: Sequence[str], load_images: ImageLoader, figures: Path,
+                           written: list[Path]) -> str:
+    if sample.is_empty():
+        return ""
+    score = scores[0] if scores else None
+    cells = list(sample.iter_rows(named=True))
+    link = _grid(cells, [_cell_title(row, score) for row in cells], load_images, figures / "random_sample.png",
+                 written, heading=f"{sample.height} random samples of the release")
+    return (f"## Random sample of the release\n\n{sample.height} selected samples picked by a keyed hash of their "
+            f"uid (the same on every run).\n\n![Random sample]({link})\n\n"
+            + _sample_table(sample, scores[:PREVIEW_SCORES]))
+
+
+def _sample_table(rows: pl.DataFrame, scores: Sequence[str], side: float | None = None) -> str:
+    """uid, caption (escaped: it is untrusted text) and scores per row; with ``side``, which side of that
+    cut-off the first score lies on."""
+    header = ["uid", *(["side"] if side is not None else []), "in release", "caption", *scores]
+    body = []
+    for row in rows.iter_rows(named=True):
+        values = [row.get(name) for name in scores]
+        where = ["at or above" if values[0] >= side else "below"] if side is not None else []
+        body.append((_cell(row["uid"]), *where, "✓" if row["selected"] else "–",
+                     _md_text(row.get("caption"), TABLE_CAPTION_CHARS), *(_number(v) for v in values)))
+    return _table(header, body)
 
 
 def _coverage_section(flagged: pl.DataFrame, figures: Path, written: list[Path]) -> str:
@@ -159,7 +410,7 @@ def _coverage_section(flagged: pl.DataFrame, figures: Path, written: list[Path])
         .group_by("decile").agg(pl.col("selected").mean().alias("share"))
         .sort("decile").collect()
     )
-    figure, axes = panel_grid(3, size=(4.0, 3.0))
+    figure, axes = panel_grid(3, size=(2.6, 2.8))
     for axis, n in zip(axes, (1, 2)):
         part = coverage.filter(pl.col("n") == n)
         for k in part["k"].unique().sort().to_list():
@@ -248,36 +499,12 @@ def _examples_section(flagged: pl.DataFrame, cut: Sequence[str], load_images: Im
         bottom = scored.bottom_k(per_grid, by=[name, "uid"]).sort([name, "uid"])
         links = []
         for side, rows in (("top", top), ("bottom", bottom)):
+            cells = list(rows.iter_rows(named=True))
             path = figures / f"examples_{side}_{_slug(name)}.png"
-            links.append(_example_grid(rows, name, load_images, path, written))
+            links.append(_grid(cells, [_cell_title(row, name) for row in cells], load_images, path, written))
         parts.append(f"### {name}\n\nHighest:\n\n![Highest {name}]({links[0]})\n\n"
                      f"Lowest:\n\n![Lowest {name}]({links[1]})")
     return "\n\n".join(parts)
-
-
-def _example_grid(rows: pl.DataFrame, score: str, load_images: ImageLoader, path: Path, written: list[Path]) -> str:
-    """Thumbnails with the score, selection flag and a wrapped caption under each; placeholders where missing."""
-    uids = rows["uid"].to_list()
-    images = load_images(uids) if uids else {}
-    figure, axes = panel_grid(max(1, rows.height), columns=GRID_COLUMNS, size=(1.55, 2.3))
-    for axis, row in zip(axes, rows.iter_rows(named=True)):
-        thumbnail = _thumbnail(images.get(row["uid"]))
-        if thumbnail is None:
-            axis.imshow(np.full((THUMB, THUMB, 3), 225, dtype=np.uint8))
-            axis.text(THUMB / 2, THUMB / 2, "no image", ha="center", va="center", color="0.35", fontsize=8)
-        else:
-            axis.imshow(thumbnail)
-        colour = "tab:green" if row["selected"] else "0.75"
-        for spine in axis.spines.values():
-            spine.set(color=colour, linewidth=3 if row["selected"] else 1)
-        axis.set_xticks([])
-        axis.set_yticks([])
-        axis.set_title(f"{'✓ ' if row['selected'] else ''}{score} {row[score]:.4g}", fontsize=7, parse_math=False)
-        axis.set_xlabel(_caption(row["caption"]), fontsize=6.5, parse_math=False)
-    if rows.is_empty():
-        axes[0].set_axis_off()
-        axes[0].text(0.5, 0.5, "no scored samples", ha="center", va="center")
-    return _save(figure, path, written)
 
 
 DUPLICATE_GROUPS_SHOWN = 6
@@ -311,7 +538,7 @@ def _duplicates_section(flagged: pl.DataFrame, cutoffs: Mapping[str, float], loa
         path = figures / "duplicates_removed.png"
         link = _group_grid(ordered, score, load_images, path, written)
         parts.append(f"The largest groups that lost members, one per row: the kept representative (green frame) "
-                     f"first, then the removed copies.\n\n![Removed duplicates]({link})")
+                     f"first, then up to {GRID_COLUMNS - 1} removed copies.\n\n![Removed duplicates]({link})")
     if "contaminated_by" in flagged.columns:
         dirty = flagged.filter(pl.col("contaminated_by").list.len() > 0)
         parts.append(f"Evaluation-set near copies: {dirty.height:,} in the pool, "
@@ -326,28 +553,159 @@ def _duplicates_section(flagged: pl.DataFrame, cutoffs: Mapping[str, float], loa
 
 def _group_grid(rows: pl.DataFrame, score: str | None, load_images: ImageLoader, path: Path,
                 written: list[Path]) -> str:
-    """One grid row per ``group`` (at most ``GRID_COLUMNS`` members each), in the order given."""
-    groups = rows.partition_by("group", maintain_order=True)
-    images = load_images(rows["uid"].to_list())
-    figure, axes = panel_grid(len(groups) * GRID_COLUMNS, columns=GRID_COLUMNS, size=(1.55, 2.3))
-    for index, group in enumerate(groups):
-        cells = axes[index * GRID_COLUMNS:(index + 1) * GRID_COLUMNS]
-        for axis, row in zip(cells, group.head(GRID_COLUMNS).iter_rows(named=True)):
-            thumbnail = _thumbnail(images.get(row["uid"]))
-            axis.imshow(thumbnail if thumbnail is not None else np.full((THUMB, THUMB, 3), 225, dtype=np.uint8))
-            colour = "tab:green" if row["selected"] else "tab:red"
-            for spine in axis.spines.values():
-                spine.set(color=colour, linewidth=3)
-            axis.set_xticks([])
-            axis.set_yticks([])
-            value = row.get(score) if score else None
-            title = ("kept" if row["selected"] else "removed") + (
-                f" {value:.3g}" if isinstance(value, float) and math.isfinite(value) else "")
-            axis.set_title(title, fontsize=7, parse_math=False)
-            axis.set_xlabel(_caption(row["caption"]), fontsize=6.5, parse_math=False)
-        for axis in cells[group.height:]:
+    """One grid row per ``group`` (at most ``GRID_COLUMNS`` members each), in the order given; a red frame
+    marks the removed members."""
+    cells: list[dict[str, Any] | None] = []
+    for group in rows.partition_by("group", maintain_order=True):
+        members = list(group.head(GRID_COLUMNS).iter_rows(named=True))
+        cells += members + [None] * (GRID_COLUMNS - len(members))
+    titles = []
+    for row in cells:
+        value = row.get(score) if row is not None and score else None
+        titles.append("" if row is None else ("kept" if row["selected"] else "removed") + (
+            f" {value:.3g}" if isinstance(value, float) and math.isfinite(value) else ""))
+    return _grid(cells, titles, load_images, path, written, unselected=("tab:red", 3.0))
+
+
+def _grid(cells: Sequence[Mapping[str, Any] | None], titles: Sequence[str], load_images: ImageLoader, path: Path,
+          written: list[Path], *, heading: str | None = None, unselected: tuple[str, float] = ("0.75", 1.0)) -> str:
+    """Thumbnails ``GRID_COLUMNS`` to a row (:data:`MAX_WIDTH_PX` wide at most), each with its title, a
+    wrapped caption and a green frame when selected; ``None`` cells stay blank, missing images get a
+    placeholder. Loads the images of these cells only."""
+    uids = [cell["uid"] for cell in cells if cell is not None]
+    images = load_images(uids) if uids else {}
+    figure, axes = panel_grid(max(1, len(cells)), columns=GRID_COLUMNS, size=CELL)
+    if heading:
+        figure.suptitle(heading, fontsize=9, parse_math=False)
+    for axis, cell, title in zip(axes, cells, titles):
+        if cell is None:
             axis.set_axis_off()
+            continue
+        thumbnail = _thumbnail(images.get(cell["uid"]))
+        if thumbnail is None:
+            axis.imshow(np.full((THUMB, THUMB, 3), 225, dtype=np.uint8))
+            axis.text(THUMB / 2, THUMB / 2, "no image", ha="center", va="center", color="0.35", fontsize=8)
+        else:
+            axis.imshow(thumbnail)
+        colour, width = ("tab:green", 3.0) if cell["selected"] else unselected
+        for spine in axis.spines.values():
+            spine.set(color=colour, linewidth=width)
+        axis.set_xticks([])
+        axis.set_yticks([])
+        axis.set_title(title, fontsize=7, parse_math=False)
+        axis.set_xlabel(_caption(cell["caption"]), fontsize=6.5, parse_math=False)
+    if not cells:
+        axes[0].set_axis_off()
+        axes[0].text(0.5, 0.5, "no scored samples", ha="center", va="center")
     return _save(figure, path, written)
+
+
+def _cell_title(row: Mapping[str, Any] | None, score: str | None) -> str:
+    """``✓`` when selected, then the score and its value."""
+    if row is None:
+        return ""
+    mark = "✓ " if row["selected"] else ""
+    return f"{mark}{score} {_number(row.get(score))}" if score else mark.strip()
+
+
+# -- the HTML page: the Markdown this module writes, rendered with every image embedded -------------
+
+PAGE_STYLE = ("body{font-family:'DejaVu Sans',Arial,sans-serif;max-width:980px;margin:2em auto;padding:0 1em;"
+              "color:#222}table{border-collapse:collapse;margin:1em 0;font-size:90%}th,td{border:1px solid #ccc;"
+              "padding:2px 6px;vertical-align:top}th{background:#f3f3f3}img{max-width:100%;height:auto}"
+              "td{overflow-wrap:anywhere}.num{text-align:right}")
+# no script, no network: the page works offline and a caption that slipped through could not load anything
+PAGE_POLICY = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+IMAGE_BLOCK = re.compile(r"!\[([^\]]*)\]\(([^)\s]+)\)")
+SEPARATOR_ROW = re.compile(r"\|(\s*:?-+:?\s*\|)+")
+ESCAPED = re.compile(r"\\([!-/:-@\[-`{-~])")
+
+
+def _html_page(title: str, markdown: str, folder: Path) -> str:
+    """A self-contained page of ``markdown`` (the subset written here: headings, paragraphs, pipe tables and
+    lone images of files under ``folder``, which are embedded as ``data:`` URIs); all text is escaped."""
+    body = "\n".join(_html_blocks(markdown, folder))
+    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+            f'<meta http-equiv="Content-Security-Policy" content="{PAGE_POLICY}">\n'
+            f"<title>{html.escape(title)}</title>\n<style>{PAGE_STYLE}</style>\n</head>\n<body>\n{body}\n"
+            f"</body>\n</html>\n")
+
+
+def _html_blocks(markdown: str, folder: Path) -> Iterator[str]:
+    for block in markdown.split("\n\n"):
+        lines = [line for line in block.strip().splitlines() if line.strip()]
+        while lines and lines[0].startswith("#"):
+            level = min(len(lines[0]) - len(lines[0].lstrip("#")), 6)
+            yield f"<h{level}>{_html_text(lines.pop(0)[level:].strip())}</h{level}>"
+        if not lines:
+            continue
+        image = IMAGE_BLOCK.fullmatch(lines[0]) if len(lines) == 1 else None
+        if image is not None and _is_figure(folder, image[2]):
+            alt = html.escape(ESCAPED.sub(r"\1", image[1]))
+            uri = "data:image/png;base64," + base64.b64encode((folder / image[2]).read_bytes()).decode("ascii")
+            yield f'<p><img alt="{alt}" src="{uri}"></p>'
+        elif len(lines) >= 2 and all(line.startswith("|") for line in lines) and SEPARATOR_ROW.fullmatch(lines[1]):
+            yield _html_table(lines)
+        else:
+            yield "<p>" + "<br>\n".join(_html_text(line) for line in lines) + "</p>"
+
+
+def _is_figure(folder: Path, link: str) -> bool:
+    """A PNG this report wrote (nothing outside ``folder`` is read into the page)."""
+    path = (folder / link).resolve()
+    return path.suffix == ".png" and path.is_file() and path.is_relative_to(folder.resolve())
+
+
+def _html_table(lines: Sequence[str]) -> str:
+    right = [cell.endswith(":") for cell in _row_cells(lines[1])]
+
+    def row(line: str, tag: str) -> str:
+        cells = _row_cells(line)
+        opens = [f'<{tag} class="num">' if i < len(right) and right[i] else f"<{tag}>" for i in range(len(cells))]
+        return "<tr>" + "".join(f"{o}{_html_text(cell)}</{tag}>" for o, cell in zip(opens, cells)) + "</tr>"
+
+    body = "\n".join(row(line, "td") for line in lines[2:])
+    return f"<table>\n<thead>{row(lines[0], 'th')}</thead>\n<tbody>\n{body}\n</tbody>\n</table>"
+
+
+def _row_cells(line: str) -> list[str]:
+    """The cells of a pipe-table row; a backslash-escaped pipe stays in its cell."""
+    cells, current, characters = [], [], iter(line.strip().removeprefix("|"))
+    for character in characters:
+        if character == "\\":
+            current.append(character + next(characters, ""))
+        elif character == "|":
+            cells.append("".join(current).strip())
+            current = []
+        else:
+            current.append(character)
+    if "".join(current).strip():
+        cells.append("".join(current).strip())
+    return cells
+
+
+def _html_text(text: str) -> str:
+    """Markdown text as HTML text: backslash escapes resolved, then everything escaped (nothing is markup)."""
+    return html.escape(ESCAPED.sub(r"\1", text))
+
+
+# -- inline images ---------------------------------------------------------------------------------
+
+def _data_uri(path: Path, limit: int) -> str | None:
+    """``path`` as a palette PNG ``data:`` URI of at most ``limit`` characters, at the largest of
+    :data:`INLINE_SCALES` that fits; None when even the smallest does not."""
+    with Image.open(path) as image:
+        rgb = image.convert("RGB")
+    for scale in INLINE_SCALES:
+        width = max(1, round(min(rgb.width, MAX_WIDTH_PX) * scale))
+        height = max(1, round(rgb.height * width / rgb.width))
+        small = rgb.resize((width, height), Image.Resampling.LANCZOS) if width != rgb.width else rgb
+        buffer = io.BytesIO()
+        small.quantize(256, dither=Image.Dither.NONE).save(buffer, format="PNG", optimize=True)
+        uri = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+        if len(uri) <= limit:
+            return uri
+    return None
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -396,6 +754,10 @@ def _stats(values: pl.Series) -> tuple[str, str, str]:
     return f"{finite.size:,}", median, f"{values.len() - finite.size:,}"
 
 
+def _number(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, int | float) and math.isfinite(value) else "–"
+
+
 def _save(figure: Figure, path: Path, written: list[Path]) -> str:
     """Save without metadata (byte-identical reruns); returns the link relative to the report."""
     figure.savefig(path, format="png", dpi=DPI, metadata={"Software": None})
@@ -422,6 +784,16 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 def _cell(value: Any) -> str:
     """A Markdown table cell: pipes escaped, line breaks flattened."""
     return " ".join(str(value).split()).replace("|", "\\|")
+
+
+def _md_text(text: str | None, limit: int) -> str:
+    """Untrusted text (a caption) as one Markdown table cell that renders literally: whitespace flattened,
+    cut to ``limit`` characters, and every character Markdown or HTML could read as markup (links, images,
+    tags, entities, emphasis, math, pipes) backslash-escaped."""
+    flat = " ".join((text or "").split())
+    if len(flat) > limit:
+        flat = flat[:limit - 1] + "…"
+    return re.sub(r"([\\`*_\[\]<>!|&~#()$])", r"\\\1", flat) or "(no caption)"
 
 
 def _percent(part: int, whole: int) -> str:
