@@ -57,6 +57,7 @@ ROW_FILTERS = (Threshold, IsIn, Decontaminate)
 PARTITIONABLE = (*ROW_FILTERS, TopFraction, Dedup)
 DEFAULT_SKETCH_SIZE = 256
 DEFAULT_BRACKET_LIMIT = 1 << 20
+SHARD = "shard"
 
 
 class Partition(Protocol):
@@ -113,6 +114,7 @@ class Membership:
 
     uids: pl.Series
     keep: bool
+    shards: pl.Series | None = None  # each uid's shard, where known: a shard's pass then reads only its part
 
     def expression(self) -> pl.Expr:
         member = pl.col(UID).is_in(self.uids.implode())
@@ -226,7 +228,8 @@ class PartitionedPool:
             return Membership(pl.Series(UID, [], dtype=pl.String), keep=False)
         grouped = pl.concat(parts, how="vertical_relaxed")
         kept = stage.apply(grouped.lazy()).select(UID).collect()
-        return Membership(grouped.join(kept, on=UID, how="anti")[UID], keep=False)
+        dropped = grouped.join(kept, on=UID, how="anti")
+        return Membership(dropped[UID], keep=False, shards=dropped[SHARD] if SHARD in dropped.columns else None)
 
     def cut(self, resolved: list[Policy | Cut | Membership], stage: RankedStage, pool_size: int) -> Cut:
         """The exact cut of ``stage`` over the rows that survive ``resolved``."""
@@ -284,8 +287,9 @@ def _grouped_rows(partition: Partition, resolved: list[Policy | Cut], stage: Ded
     """The rows reaching ``stage`` that belong to a duplicate group, with what the stage reads of them."""
     columns = [duplicate_column(kind) for kind in stage.kinds]
     frame, _ = _frame(partition, resolved)
+    shard = [SHARD] if SHARD in frame.collect_schema().names() else []
     return (frame.filter(pl.any_horizontal(pl.col(columns).is_not_null()))
-            .select(UID, _score(stage.keep).alias(stage.keep), *columns).collect())
+            .select(UID, *shard, _score(stage.keep).alias(stage.keep), *columns).collect())
 
 
 def _summarise(partition: Partition, resolved: list[Policy | Cut], stage: RankedStage, bracket: _Bracket,

@@ -1,21 +1,15 @@
-"""Applying a recipe to the pool shard by shard, so no process holds the pool.
-
-Pass 1 and the global step (:class:`~curation_platform.partitioned_selection.PartitionedPool`): the
-recipe's leading row filters, top fractions and dedup stages are resolved into exact per-row cuts from
-small per-shard summaries; truly global stages (``rank_sum``, NormSim-D, DataComp's value threshold)
-run on the rows that survive that prefix; the size bound (``max_size`` by ``rank_by``) is one more cut.
-Pass 2: each shard applies the cuts and writes its selected rows, sorted by uid, into a scratch folder.
-The release step (:func:`write_samples`) merges those sorted files in bounded memory into
-``samples.parquet`` (with the recipe's weights) and DataComp's ``subset.npy``.
+"""A recipe's selection as the release step sees it (:class:`Selected`: the funnel and one file of
+selected rows per shard, each sorted by uid, made by :mod:`~curation_platform.releases.passes`), and
+:func:`write_samples`, which merges those files in bounded memory into ``samples.parquet`` (with the
+recipe's weights) and DataComp's ``subset.npy``.
 """
 
 from __future__ import annotations
 
 import itertools
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Executor
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +19,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curation_platform import lance_tables
-from curation_platform.embedding.sinks import EMBEDDINGS_TABLE, vectors
-from curation_platform.partitioned_selection import Membership, PartitionedPool, TopCount, split_partitionable
+from curation_platform import storage
 from curation_platform.releases.artefacts import subset_array
-from curation_platform.releases.inputs import ReleaseSources, release_partitions, shard_rows
-from curation_platform.releases.recipe import Recipe, RecipeError
+from curation_platform.releases.recipe import Recipe
 from curation_platform.scoring.pipeline import SCORE_COLUMNS
 from curation_platform.scoring.scores import normalise_log_weights
-from curation_platform.selection import FunnelStage, SelectionResult, label, run_selection
+from curation_platform.selection import SelectionResult
+from curation_platform.storage import S3Settings
 
 SIZE_BOUNDS = "size bounds and exclusions"
 ROW_GROUP_ROWS = 1 << 20  # samples.parquet row groups (pyarrow's default, so small releases keep their bytes)
@@ -56,10 +48,11 @@ class Selected:
 
     selection: SelectionResult  # funnel and policies; its uids stay in the files
     funnel: list[dict[str, Any]]
-    files: list[Path]
+    files: list[str]  # local paths or storage URIs
     count: int
     cutoffs: dict[str, float]
     shard_rows: dict[str, int]
+    s3: S3Settings | None = field(default=None, compare=False)
 
     @property
     def pool_rows(self) -> int:
@@ -69,69 +62,6 @@ class Selected:
 def release_columns(recipe: Recipe) -> list[str]:
     """The score columns ``samples.parquet`` carries (besides uid, shard, key and the weight)."""
     return [name for name in recipe.scores_used() if name in SCORE_COLUMNS or name.startswith("iw_")]
-
-
-@dataclass(frozen=True)
-class _WriteSelectedRows:
-    """Pass 2 in the worker: one shard's selected rows (sorted by uid) into ``folder`` (picklable)."""
-
-    folder: str
-    columns: tuple[str, ...]
-
-    def __call__(self, index: int, rows: pl.DataFrame) -> ShardSelection:
-        weakest = {name: rows[name].fill_nan(None).min() for name in self.columns[3:]}
-        if rows.height or index == 0:  # the first shard's file always exists: it carries the schema
-            pq.write_table(rows.select(self.columns).to_arrow(), Path(self.folder) / f"{index:08d}.parquet")
-        return ShardSelection(rows.height, weakest)
-
-
-def select(recipe: Recipe, sources: ReleaseSources, versions: dict[str, int], provenance: dict[str, Any],
-           scratch: Path, exclude: Sequence[str] = (), executor: Executor | None = None) -> Selected:
-    """Run the recipe on the pinned tables, shard by shard (``executor`` runs the per-shard passes);
-    the selected rows land in ``scratch`` and the result says what was kept where."""
-    if recipe.needs_target() and provenance["target_id"] is None:
-        raise RecipeError(f"recipe {recipe.name!r} uses NormSim but the scores have no NormSim target: "
-                          "score with a target first")
-    rows = shard_rows(sources, versions)
-    pool_size = sum(rows.values())
-    pool = PartitionedPool(release_partitions(recipe, sources, versions, list(rows)), executor)
-    stages = recipe.policies(_embedding_fetcher(sources, versions.get(EMBEDDINGS_TABLE)))
-    prefix, rest = split_partitionable(stages)
-    resolved = pool.resolve(prefix, pool_size)
-    funnel = [FunnelStage("pool", pool_size)]
-    if rest:
-        survivors = pl.concat([frame for _, frame in pool.apply(resolved, write=_rows)], how="vertical_relaxed")
-        tail = run_selection(survivors.sort("uid"), rest, pool_size)
-        resolved.append(Membership(pl.Series("uid", tail.uids, dtype=pl.String), keep=True))
-        del survivors
-    bounded = len(resolved)
-    if recipe.max_size is not None:
-        resolved = pool.resolve([TopCount(recipe.rank_by, recipe.max_size)], pool_size, resolved)
-        bounded += 1
-    if exclude:
-        resolved.append(Membership(pl.Series("uid", sorted(exclude), dtype=pl.String), keep=False))
-    columns = ("uid", "shard", "key", *release_columns(recipe))
-    counts = np.zeros(len(resolved), dtype=np.int64)
-    shards: list[ShardSelection] = []
-    for shard_counts, written in pool.apply(resolved, write=_WriteSelectedRows(str(scratch), columns)):
-        counts += shard_counts
-        shards.append(written)
-    funnel += [FunnelStage(label(stage.describe()), int(count)) for stage, count in zip(prefix, counts)]
-    if rest:
-        funnel += tail.funnel[1:]
-    bound = int(counts[bounded - 1]) if bounded else pool_size
-    if bound < recipe.min_size:
-        raise RecipeError(f"recipe {recipe.name!r} selects {bound} samples, fewer than min_size {recipe.min_size}")
-    count = int(counts[-1]) if len(resolved) else pool_size
-    stages_funnel = [stage._asdict() for stage in funnel]
-    if recipe.max_size is not None or exclude:
-        stages_funnel.append({"stage": SIZE_BOUNDS, "rows": count})
-    selection = SelectionResult(pa.array([], pa.large_string()), funnel, [stage.describe() for stage in stages])
-    return Selected(selection, stages_funnel, sorted(scratch.glob("*.parquet")), count, _cutoffs(shards), rows)
-
-
-def _rows(index: int, rows: pl.DataFrame) -> pl.DataFrame:
-    return rows
 
 
 def _cutoffs(shards: list[ShardSelection]) -> dict[str, float]:
@@ -144,60 +74,49 @@ def _cutoffs(shards: list[ShardSelection]) -> dict[str, float]:
     return cutoffs
 
 
-def _embedding_fetcher(sources: ReleaseSources, version: int | None) -> Callable[[pa.Array], np.ndarray]:
-    """uids -> image embeddings (NormSim-D), read from the pinned embeddings table version (``None``
-    only for releases made before the embeddings table was pinned: then the current version)."""
-    def fetch(uids: pa.Array) -> np.ndarray:
-        table = lance_tables.connect(sources.lance_uri, sources.s3).open_table(EMBEDDINGS_TABLE)
-        if version is not None:
-            table.checkout(version)
-        rows = table.to_lance().to_table(
-            columns=["uid", "image_embedding"],
-            filter=f"teacher_id = {lance_tables.sql_string(sources.teacher_id)}")
-        order = pl.from_arrow(rows.select(["uid"])).with_row_index().join(
-            pl.DataFrame({"uid": pl.Series(uids).cast(pl.String)}).with_row_index("want"), on="uid").sort("want")
-        if order.height != len(uids):
-            raise RecipeError("some selected samples have no embeddings of the teacher")
-        return vectors(rows, "image_embedding")[order["index"].to_numpy()]
-
-    return fetch
-
-
 # -- the release step: merging the sorted shard files -------------------------------------------
 
-def sorted_merge(paths: Sequence[Path], columns: Sequence[str] | None = None,
-                 batch_rows: int = MERGE_BATCH_ROWS, fan_in: int = MERGE_FAN_IN) -> Iterator[pa.Table]:
-    """The rows of parquet files each sorted by uid, as tables in global uid order.
+def parquet_file(uri: str | Path, s3: S3Settings | None = None) -> pq.ParquetFile:
+    """A parquet file on any store, read by row group."""
+    filesystem, path = storage.filesystem_for(str(uri), s3)
+    return pq.ParquetFile(filesystem.open_input_file(path))
+
+
+def sorted_merge(paths: Sequence[str | Path], columns: Sequence[str] | None = None,
+                 batch_rows: int = MERGE_BATCH_ROWS, fan_in: int = MERGE_FAN_IN,
+                 s3: S3Settings | None = None) -> Iterator[pa.Table]:
+    """The rows of parquet files (paths or storage URIs) each sorted by uid, as tables in global uid order.
 
     Memory: ``fan_in`` batches of ``batch_rows``; beyond ``fan_in`` files, groups of them are merged
-    into scratch files first (levels of an external merge sort).
+    into local scratch files first (levels of an external merge sort).
     """
     if len(paths) <= fan_in:
-        yield from _merge_runs(paths, columns, batch_rows)
+        yield from _merge_runs(paths, columns, batch_rows, s3)
         return
     with tempfile.TemporaryDirectory(prefix="release-merge-") as folder:
-        runs = [_merged_run(paths[start:start + fan_in], Path(folder) / f"{start:08d}.parquet", batch_rows)
+        runs = [_merged_run(paths[start:start + fan_in], Path(folder) / f"{start:08d}.parquet", batch_rows, s3)
                 for start in range(0, len(paths), fan_in)]
         yield from sorted_merge(runs, columns, batch_rows, fan_in)
 
 
-def _merged_run(paths: Sequence[Path], run: Path, batch_rows: int) -> Path:
+def _merged_run(paths: Sequence[str | Path], run: Path, batch_rows: int, s3: S3Settings | None) -> Path:
     """Merge ``paths`` into one sorted file ``run`` (an empty file keeps the first input's schema)."""
     writer = None
-    for table in _merge_runs(paths, None, batch_rows):
+    for table in _merge_runs(paths, None, batch_rows, s3):
         writer = writer or pq.ParquetWriter(run, table.schema)
         writer.write_table(table)
     if writer is None:
-        pq.write_table(pq.read_table(paths[0]), run)
+        pq.write_table(parquet_file(paths[0], s3).read(), run)
     else:
         writer.close()
     return run
 
 
-def _merge_runs(paths: Sequence[Path], columns: Sequence[str] | None, batch_rows: int) -> Iterator[pa.Table]:
+def _merge_runs(paths: Sequence[str | Path], columns: Sequence[str] | None, batch_rows: int,
+                s3: S3Settings | None) -> Iterator[pa.Table]:
     """A vectorised k-way merge: each round emits every buffered row up to the smallest last uid among
     the runs that have more to read, so each round empties at least one buffer."""
-    readers = [pq.ParquetFile(path).iter_batches(batch_rows, columns=columns) for path in paths]
+    readers = [parquet_file(path, s3).iter_batches(batch_rows, columns=columns) for path in paths]
     buffers: list[pa.Table | None] = [None] * len(readers)
     exhausted = [False] * len(readers)
 
@@ -238,14 +157,14 @@ class WrittenSamples:
 def write_samples(recipe: Recipe, selected: Selected, samples_path: Path, subset_path: Path) -> WrittenSamples:
     """``samples.parquet`` (uid order, the recipe's weights) and ``subset.npy`` from the sorted shard files,
     streamed: one merge batch per run in memory, the subset written into a memory map."""
-    log_mean = _log_mean_weight(recipe, selected.files) if recipe.weights is not None \
+    log_mean = _log_mean_weight(recipe, selected) if recipe.weights is not None \
         and recipe.weights.mode != "raw" else None
     subset = np.lib.format.open_memmap(subset_path, mode="w+", dtype=np.dtype("u8,u8"), shape=(selected.count,))
     position, unordered = 0, False
     pending: list[pa.Table] = []
     writer: pq.ParquetWriter | None = None
     try:
-        for table in _samples_stream(recipe, selected.files, log_mean):
+        for table in _samples_stream(recipe, selected, log_mean):
             if writer is None:
                 writer = pq.ParquetWriter(samples_path, table.schema, compression="zstd")
             pairs = subset_array(table.column("uid").to_pylist())
@@ -274,11 +193,12 @@ def write_samples(recipe: Recipe, selected: Selected, samples_path: Path, subset
     return WrittenSamples(samples_path, subset_path, position)
 
 
-def _samples_stream(recipe: Recipe, files: Sequence[Path], log_mean: float | None) -> Iterator[pa.Table]:
+def _samples_stream(recipe: Recipe, selected: Selected, log_mean: float | None) -> Iterator[pa.Table]:
     """The merged rows with their weights; an empty selection is one empty table (the schema)."""
-    tables = sorted_merge(files)
+    tables = sorted_merge(selected.files, s3=selected.s3)
     first = next(tables, None)
-    for table in [pq.read_table(files[0])] if first is None else itertools.chain([first], tables):
+    empty = [parquet_file(selected.files[0], selected.s3).read()] if first is None else []
+    for table in empty or itertools.chain([first], tables):
         frame = pl.from_arrow(table)
         yield frame.with_columns(_weights(recipe, frame, log_mean)).to_arrow()
 
@@ -293,11 +213,11 @@ def _weights(recipe: Recipe, frame: pl.DataFrame, log_mean: float | None) -> pl.
                                                      log_mean))
 
 
-def _log_mean_weight(recipe: Recipe, files: Sequence[Path]) -> float:
+def _log_mean_weight(recipe: Recipe, selected: Selected) -> float:
     """``logaddexp`` folded over every selected log weight in uid order, minus log n: the same value
     :func:`~curation_platform.scoring.scores.normalise_log_weights` computes over the whole array."""
     total, rows = None, 0
-    for table in sorted_merge(files, ["uid", recipe.weights.column]):
+    for table in sorted_merge(selected.files, ["uid", recipe.weights.column], s3=selected.s3):
         values = table.column(recipe.weights.column).to_numpy(zero_copy_only=False).astype(np.float64)
         if values.size:
             total = np.logaddexp.reduce(values if total is None else np.concatenate([[total], values]))
@@ -307,7 +227,7 @@ def _log_mean_weight(recipe: Recipe, files: Sequence[Path]) -> float:
 
 def selection_uids(selected: Selected) -> Iterator[pa.Array]:
     """The selected uids in ascending order, a merge batch at a time."""
-    for table in sorted_merge(selected.files, ["uid"]):
+    for table in sorted_merge(selected.files, ["uid"], s3=selected.s3):
         yield table.column("uid").combine_chunks()
 
 

@@ -1,8 +1,8 @@
 """What a release reads, at pinned versions: where from (:class:`ReleaseSources`), which LanceDB table
 versions (:func:`table_versions`, pinned with ``release-<name>-<version>`` tags by :func:`_pin` so
 version cleanup cannot remove them), the score provenance every score row must share, the pool frame a
-recipe selects from (scores joined with the validated sample metadata, :func:`pool_frame`, one
-:class:`ShardRows` partition per shard), and the input shards with the checksums they were validated from.
+recipe selects from (scores joined with the validated sample metadata, :func:`pool_frame`, read one
+shard at a time by a release's passes), and the input shards with the checksums they were validated from.
 """
 
 from __future__ import annotations
@@ -216,37 +216,15 @@ def shard_rows(sources: ReleaseSources, versions: dict[str, int]) -> dict[str, i
     return dict(sorted(counts.items()))
 
 
-@dataclass(frozen=True)
-class ShardRows:
-    """One shard of the pool frame, loaded on its own by whichever worker runs a selection pass over it
-    (picklable); ``duplicates`` holds the dedup/decontaminate columns of the grouped or flagged uids."""
-
-    sources: ReleaseSources
-    versions: dict[str, int]
-    shard: str
-    columns: tuple[str, ...]
-    duplicates: pl.DataFrame | None = None
-
-    def load(self) -> pl.DataFrame:
-        frame = pool_frame(self.sources, self.versions, self.columns, shard=self.shard)
-        if self.duplicates is None:
-            return frame
-        return frame.join(self.duplicates, on="uid", how="left", maintain_order="left")
-
-
-def release_partitions(recipe: Recipe, sources: ReleaseSources, versions: dict[str, int],
-                       shards: Sequence[str]) -> list[ShardRows]:
-    """The pool a recipe selects from, one partition per shard, after checking that every column it names
-    exists; each partition reads only the recipe's columns (and what ``samples.parquet`` holds)."""
-    available = available_columns(sources, versions)
-    recipe.check_columns(available, [name for name in available if name.startswith("iw_")])
-    duplicates = duplicate_columns(recipe, sources, versions) if recipe.needs_duplicates() else None
-    return [ShardRows(sources, versions, shard, tuple(recipe.scores_used()), duplicates) for shard in shards]
-
-
 def duplicate_columns(recipe: Recipe, sources: ReleaseSources, versions: dict[str, int]) -> pl.DataFrame:
     """The duplicate-group ids and contamination flags of the pinned duplicate tables, per grouped or
-    flagged uid (the rows ``dedup`` and ``decontaminate`` read)."""
+    flagged uid (the rows ``dedup`` and ``decontaminate`` read), after checking the recipe can use them."""
+    check_duplicate_inputs(recipe, sources, versions)
+    return read_duplicate_columns(sources, versions)
+
+
+def check_duplicate_inputs(recipe: Recipe, sources: ReleaseSources, versions: dict[str, int]) -> None:
+    """Refuse a dedup or decontaminate recipe without duplicate groups or with unregistered evaluation sets."""
     if GROUPS_TABLE not in versions:
         raise RecipeError(f"recipe {recipe.name!r} has a dedup or decontaminate stage but {sources.lance_uri} has no "
                           "duplicate groups: materialise duplicate_groups (or run the main job) first")
@@ -256,6 +234,9 @@ def duplicate_columns(recipe: Recipe, sources: ReleaseSources, versions: dict[st
         if unknown:
             raise RecipeError(f"recipe {recipe.name!r} decontaminates against {unknown}, not registered evaluation "
                               f"sets (registered: {registered})")
+
+
+def read_duplicate_columns(sources: ReleaseSources, versions: dict[str, int]) -> pl.DataFrame:
     return selection_columns(read_groups(sources.lance_uri, sources.teacher_id, sources.s3, versions))
 
 

@@ -14,19 +14,20 @@ import io
 import itertools
 import json
 import tempfile
-from collections.abc import Callable, Iterator
-from concurrent.futures import Executor, ProcessPoolExecutor
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
 from curation_platform import __version__, storage
+from curation_platform.layout import ShardOutputs
 from curation_platform.pool import shard_file_uri
 from curation_platform.processes import worker_context
-from curation_platform.releases import inputs
-from curation_platform.releases.apply_recipe import Selected, select, write_samples
+from curation_platform.releases import inputs, passes
+from curation_platform.releases.apply_recipe import Selected, write_samples
 from curation_platform.releases.artefacts import (
     CHECKSUMS,
     EXCLUDED,
@@ -47,14 +48,15 @@ from curation_platform.releases.inputs import (
     _pin,
     _tag,
     duplicate_columns,
-    index_shards,
     pool_frame,
-    score_provenance,
-    table_versions,
 )
+from curation_platform.releases.passes import PassFolder, ReleasePlan
 from curation_platform.releases.recipe import Recipe
 from curation_platform.scoring.pipeline import uid_sample_bound
 from curation_platform.storage import S3Settings
+
+if TYPE_CHECKING:
+    from curation_platform.releases.report import ReportResult
 
 PUBLISH_ATTEMPTS = 8  # concurrent creators of one recipe publish consecutive versions
 
@@ -65,6 +67,8 @@ class Release:
     name: str
     version: int
     manifest: dict[str, Any]
+    # what the report writer returned, for the orchestrator's UI (None for a release opened from storage)
+    report: ReportResult | None = field(default=None, compare=False, repr=False)
 
     @property
     def release_id(self) -> str:
@@ -88,25 +92,31 @@ class ReleaseOptions:
 
 def create_release(recipe: Recipe, sources: ReleaseSources, releases_uri: str,
                    options: ReleaseOptions = ReleaseOptions(), versions: dict[str, int] | None = None) -> Release:
-    """Select shard by shard, write every file into a local staging folder, pin the table versions, publish.
+    """Plan, run the passes shard by shard (on ``options.workers`` processes) in a local scratch folder, then
+    publish. Without ``versions`` (a new selection, not a derivation) the plan pins the current table
+    versions, after bringing the scores table's shard index up to date so each shard is an index lookup."""
+    with tempfile.TemporaryDirectory(prefix="release-passes-") as scratch, _executor(options.workers) as executor:
+        plan, selected = passes.select(recipe, sources, PassFolder(scratch), versions, options.exclude, executor)
+        return publish_release(recipe, plan, selected, releases_uri, options)
 
-    Without ``versions`` (a new selection, not a derivation), the scores table's shard index is brought up
-    to date first, so the version the release pins reads one shard by index lookup."""
-    if versions is None:
-        index_shards(sources)
-    versions = versions or table_versions(sources)
-    provenance = score_provenance(sources, versions)
-    with tempfile.TemporaryDirectory(prefix="release-selection-") as scratch, _executor(options.workers) as executor:
-        selected = select(recipe, sources, versions, provenance, Path(scratch), options.exclude, executor)
-        for attempt in range(PUBLISH_ATTEMPTS):
-            version = next_version(releases_uri, recipe.name, sources.s3)
-            try:
-                uri, manifest = _stage_and_publish(recipe, sources, releases_uri, options, versions, provenance,
-                                                   selected, version)
-                break
-            except FileExistsError:  # another writer published this version first: take the next one
-                if attempt == PUBLISH_ATTEMPTS - 1:
-                    raise
+
+def publish_release(recipe: Recipe, plan: ReleasePlan, selected: Selected, releases_uri: str,
+                    options: ReleaseOptions = ReleaseOptions()) -> Release:
+    """Stage every file of the recipe's next version and publish it; when another writer takes that version
+    first, the next one (concurrent creators of one recipe publish consecutive versions)."""
+    for _ in range(PUBLISH_ATTEMPTS - 1):
+        try:
+            return _publish_next(recipe, plan, selected, releases_uri, options)
+        except FileExistsError:
+            continue
+    return _publish_next(recipe, plan, selected, releases_uri, options)
+
+
+def _publish_next(recipe: Recipe, plan: ReleasePlan, selected: Selected, releases_uri: str,
+                  options: ReleaseOptions) -> Release:
+    version = next_version(releases_uri, recipe.name, plan.sources.s3)
+    uri, manifest = _stage_and_publish(recipe, plan.sources, releases_uri, options, plan.versions, plan.provenance,
+                                       selected, version)
     return Release(uri, recipe.name, version, manifest)
 
 
@@ -180,10 +190,15 @@ def _manifest(recipe: Recipe, recipe_file: str, sources: ReleaseSources, version
 
 # -- the report ---------------------------------------------------------------------------------
 
+PROVENANCE_FIELDS = ("git_commit", "created_at", "package_version", "run_id")  # the manifest's, in the report
+
+
 def _write_report(staging: Path, recipe: Recipe, selected: Selected, manifest: dict[str, Any],
-                  sources: ReleaseSources, versions: dict[str, int], labels: pl.DataFrame | None) -> None:
+                  sources: ReleaseSources, versions: dict[str, int], labels: pl.DataFrame | None) -> ReportResult:
     """The report: its pool-wide figures read every column of a uniform uid sample of at most
-    :data:`inputs.REPORT_MAX_ROWS` pool rows (all of them below that), so its memory stays bounded."""
+    :data:`inputs.REPORT_MAX_ROWS` pool rows (all of them below that), so its memory stays bounded; the
+    ingestion funnel sums the validation reports of the input shards, the check results and provenance
+    come from the manifest, and the evaluation labels (when given) are a section of both pages."""
     from curation_platform.releases.report import write_report
 
     uid_below = uid_sample_bound(selected.pool_rows, inputs.REPORT_MAX_ROWS)
@@ -201,11 +216,39 @@ def _write_report(staging: Path, recipe: Recipe, selected: Selected, manifest: d
     if uid_below is not None:
         summary["figures_from"] = (f"a uniform sample of {pool.height:,} pool rows (uid < '{uid_below}'), "
                                    f"{shown.len():,} of them selected")
-    write_report(staging / "report", title=f"Release {manifest['release_id']}", pool=pool, selected_uids=shown,
-                 funnel=stages, cutoffs=selected.cutoffs, load_images=_image_loader(pool, sources),
-                 manifest_summary=summary)
-    if labels is not None:
-        _append_label_composition(staging / "report" / "report.md", pool, shown, labels)
+    provenance = {key: manifest.get(key) for key in PROVENANCE_FIELDS}
+    provenance["input_shards"] = manifest["input_shards"]
+    extra = [] if labels is None else [_label_composition(pool, shown, labels)]
+    return write_report(staging / "report", title=f"Release {manifest['release_id']}", pool=pool,
+                        selected_uids=shown, funnel=stages, cutoffs=selected.cutoffs,
+                        load_images=_image_loader(pool, sources), manifest_summary=summary,
+                        ingestion=_ingestion_totals(selected.shard_rows, sources),
+                        checks=manifest["data_quality_checks"], provenance=provenance, extra_sections=extra)
+
+
+def _ingestion_totals(shards: Iterable[str], sources: ReleaseSources) -> dict[str, Any] | None:
+    """The validation reports of ``shards`` summed (samples the shards mention, accepted, quarantined by
+    reason code), read concurrently like :func:`inputs._input_shards` and keeping only those counts;
+    None when no shard has a report."""
+    def counts(shard: str) -> tuple[int, int, dict[str, int]] | None:
+        report_uri = ShardOutputs.of(sources.validated_uri, shard).report
+        if not storage.exists(report_uri, sources.s3):
+            return None
+        report = json.loads(storage.read_bytes(report_uri, sources.s3))
+        return int(report["total"]), int(report["accepted"]), dict(report.get("by_reason") or {})
+
+    with ThreadPoolExecutor(max_workers=inputs.REPORT_READERS) as pool:
+        found = list(pool.map(counts, shards))
+    read = [entry for entry in found if entry is not None]
+    if not read:
+        return None
+    quarantined: dict[str, int] = {}
+    for _, _, reasons in read:
+        for reason, count in reasons.items():
+            quarantined[reason] = quarantined.get(reason, 0) + int(count)
+    return {"samples": sum(entry[0] for entry in read), "accepted": sum(entry[1] for entry in read),
+            "quarantined": dict(sorted(quarantined.items())), "shards": len(read),
+            "shards_without_report": len(found) - len(read)}
 
 
 def _image_loader(frame: pl.DataFrame, sources: ReleaseSources) -> Callable[[list[str]], dict[str, bytes]]:
@@ -227,18 +270,19 @@ def _image_loader(frame: pl.DataFrame, sources: ReleaseSources) -> Callable[[lis
     return load
 
 
-def _append_label_composition(report: Path, frame: pl.DataFrame, uids: pl.Series, labels: pl.DataFrame) -> None:
+def _label_composition(frame: pl.DataFrame, uids: pl.Series, labels: pl.DataFrame) -> str:
+    """The report section (Markdown) comparing the evaluation labels' shares in the pool and the release."""
+    from curation_platform.releases.report import _cell
+
     joined = frame.select("uid").join(labels.select("uid", "label"), on="uid", how="left").with_columns(
-        pl.col("label").fill_null("unlabelled"), pl.col("uid").is_in(uids.implode()).alias("selected"))
+        pl.col("label").cast(pl.String).fill_null("unlabelled"), pl.col("uid").is_in(uids.implode()).alias("selected"))
     table = joined.group_by("label").agg(pl.len().alias("pool"), pl.col("selected").sum().alias("release")).sort(
         "label")
     pool_total, release_total = max(joined.height, 1), max(uids.len(), 1)
-    lines = ["", "## Evaluation labels (never used for selection)", "",
-             "| label | pool | pool share | release | release share |", "| --- | ---: | ---: | ---: | ---: |"]
-    lines += [f"| {label} | {pool} | {pool / pool_total:.3f} | {release} | {release / release_total:.3f} |"
+    lines = ["| label | pool | pool share | release | release share |", "| --- | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {_cell(label)} | {pool} | {pool / pool_total:.3f} | {release} | {release / release_total:.3f} |"
               for label, pool, release in table.iter_rows()]
-    with report.open("a") as handle:
-        handle.write("\n".join(lines) + "\n")
+    return "## Evaluation labels (never used for selection)\n\n" + "\n".join(lines)
 
 
 # -- reading ------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import polars as pl
 import pyarrow as pa
 
 from curation_platform import lance_tables, storage
-from curation_platform.releases.apply_recipe import select, write_samples
+from curation_platform.releases.apply_recipe import write_samples
 from curation_platform.releases.artefacts import (
     EXCLUDED,
     MANIFEST,
@@ -26,7 +26,8 @@ from curation_platform.releases.artefacts import (
     check_checksums,
     sha256_hex,
 )
-from curation_platform.releases.inputs import ReleaseSources, score_provenance
+from curation_platform.releases.inputs import ReleaseSources
+from curation_platform.releases.passes import PassFolder, select
 from curation_platform.releases.recipe import parse_recipe
 from curation_platform.releases.store import Release, ReleaseOptions, create_release, open_release, read_samples
 from curation_platform.storage import S3Settings
@@ -148,9 +149,7 @@ def _rederive(release: Release, s3: S3Settings | None) -> tuple[pl.DataFrame, by
         excluded = sorted(set(storage.read_bytes(storage.join(release.uri, EXCLUDED), s3).decode().split()))
     with tempfile.TemporaryDirectory(prefix="release-verify-") as scratch:
         folder = Path(scratch)
-        (folder / "selection").mkdir()
-        selected = select(recipe, sources, versions, score_provenance(sources, versions), folder / "selection",
-                          excluded)
+        _, selected = select(recipe, sources, PassFolder(str(folder / "passes")), versions, excluded)
         written = write_samples(recipe, selected, folder / SAMPLES, folder / SUBSET)
         return pl.read_parquet(written.samples), written.subset.read_bytes()
 
