@@ -29,6 +29,7 @@ from curation_platform_dagster.defs.ingestion import (
     uids_kept_once,
     validated_samples,
 )
+from curation_platform_dagster.defs.release_passes import release_pass_assets
 from curation_platform_dagster.defs.releases import load_recipes, release_asset
 from curation_platform_dagster.defs.resources import (
     DuplicatesResource,
@@ -110,7 +111,7 @@ def build_definitions(settings: dict | None = None, resources: dict | None = Non
     return dg.Definitions(
         assets=[*located(resources), validated_samples, teacher, embeddings, reference_sample, normsim_target, shard_scores,
                 shard_prompt_weights, score_statistics, eval_set_embeddings, image_index, duplicate_pairs, duplicate_groups,
-                *releases, *evaluations],
+                *release_pass_assets(recipes), *releases, *evaluations],
         asset_checks=checks,
         jobs=[shard_pipeline, prompt_weights, teacher_and_references, pool_statistics, releases_job, evaluations_job],
         sensors=[shard_discovery_sensor, automation_sensor],

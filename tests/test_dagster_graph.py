@@ -196,8 +196,19 @@ def test_whole_graph_then_only_the_new_shard(tmp_path: Path, demo_pool_dir: Path
                          None)].materialized
     assert reference["reference_sample"]["dagster/row_count"] == 100
     assert reference["normsim_target"]["dagster/row_count"] > 0
+    # The release passes: a plan, per shard the candidates and the selections, the cut-offs in between.
+    plan = by_step[(("release_plan",), None)].materialized["release_plan"]
+    assert plan["shards"] == 1 and plan["dagster/row_count"] == accepted and plan["older_plans_removed"] == 0
+    candidates = by_step[(("release_candidates",), "00000")].materialized["release_candidates"]
+    assert candidates["dagster/row_count"] == accepted and candidates["in_plan"] and candidates["shard_index"] == 0
+    assert (("release_candidates",), "00001") not in by_step, "a shard stopped at ingestion has no passes"
+    cuts = by_step[(("release_cuts",), None)].materialized["release_cuts"]
+    assert cuts["plan_id"] == plan["plan_id"] and "clip_score descending, up to key" in cuts["cuts"]
+    selections = by_step[(("release_selections",), "00000")].materialized["release_selections"]
+    assert selections["selected_per_recipe"] == {"clip-top": accepted // 2}
     release = by_step[(("release_clip_top",), None)].materialized["release_clip_top"]
     assert release["dagster/row_count"] == accepted // 2 and Path(release["manifest"]).exists()
+    assert release["plan_id"] == plan["plan_id"] and set(Path(plan["folder"]).parent.iterdir()) == {Path(plan["folder"])}
     for figure in ("funnel_png", "score_histograms_png"):  # the report inline, sized for the asset page
         encoded = release[figure].split("data:image/png;base64,")[1].rstrip(")")
         assert Image.open(io.BytesIO(base64.b64decode(encoded))).width <= UI_IMAGE_WIDTH

@@ -10,18 +10,21 @@ import polars as pl
 from curation_platform import storage
 from curation_platform.releases import (
     Recipe,
+    RecipeError,
+    Release,
     ReleaseOptions,
-    ReleaseSources,
-    create_release,
     load_recipe,
     open_release,
     read_samples,
     verify_release,
 )
-from curation_platform_dagster.defs.duplicates import duplicate_groups
+from curation_platform.releases.passes import assemble
+from curation_platform.releases.report import INLINE_MAX_BYTES, inline_markdown
+from curation_platform.releases.store import publish_release
 from curation_platform_dagster.defs.metadata import png_metadata
+from curation_platform_dagster.defs.release_passes import SELECTIONS, plan_of_release
 from curation_platform_dagster.defs.resources import PlatformResource
-from curation_platform_dagster.defs.scoring import score_statistics, teacher_id_of
+from curation_platform_dagster.defs.scoring import ALL_SHARDS
 
 RECIPE_SUFFIXES = (".toml", ".yaml", ".yml")
 
@@ -86,16 +89,28 @@ REPORT_FIGURES = {"funnel_png": "funnel.png", "score_histograms_png": "score_his
 PREVIEW_ROWS = 10
 
 
-def report_metadata(release_uri: str, platform: PlatformResource) -> dict[str, dg.MetadataValue]:
-    """The report as the asset page shows it: its main figures inline (downscaled to the panel's width),
-    the best and worst examples of the first ranked score, and a preview of the released samples."""
-    figures = storage.join(release_uri, "report", "figures")
-    found = {entry.uri.rsplit("/", 1)[-1] for entry in storage.list_files(figures, platform.s3)}
-    examples = sorted(name for name in found if name.startswith("examples_"))[:2]
-    shown = {**REPORT_FIGURES, **{name.removesuffix(".png") + "_png": name for name in examples}}
-    metadata = {key: png_metadata(key, storage.read_bytes(storage.join(figures, name), platform.s3))
-                for key, name in shown.items() if name in found}
-    samples = read_samples(open_release(release_uri, platform.s3), platform.s3).head(PREVIEW_ROWS)
+def report_metadata(release: Release | str, platform: PlatformResource) -> dict[str, dg.MetadataValue]:
+    """The report as the asset page shows it: its main figures inline (downscaled to the panel's width)
+    and a preview of the released samples. With the report the release was just made with
+    (``release.report``): its UI figures (funnel, score histograms, the samples around each cut-off, the
+    random sample) and, as ``report_markdown``, those in one page under a byte budget (the funnel tables
+    first); otherwise (a release opened from storage, or its URI) the figures are read from the published
+    report: the funnel, score histograms, language composition and the best and worst examples of the first
+    ranked score."""
+    if isinstance(release, str):
+        release = open_release(release, platform.s3)
+    if release.report is not None:
+        metadata = {f"{path.stem}_png": png_metadata(f"{path.stem}_png", png)
+                    for _, path, png in release.report.ui_figures()}
+        metadata["report_markdown"] = dg.MetadataValue.md(inline_markdown(release.report, INLINE_MAX_BYTES))
+    else:
+        figures = storage.join(release.uri, "report", "figures")
+        found = {entry.uri.rsplit("/", 1)[-1] for entry in storage.list_files(figures, platform.s3)}
+        examples = sorted(name for name in found if name.startswith("examples_"))[:2]
+        shown = {**REPORT_FIGURES, **{name.removesuffix(".png") + "_png": name for name in examples}}
+        metadata = {key: png_metadata(key, storage.read_bytes(storage.join(figures, name), platform.s3))
+                    for key, name in shown.items() if name in found}
+    samples = read_samples(release, platform.s3).head(PREVIEW_ROWS)
     floats = [name for name, dtype in samples.schema.items() if dtype.is_float()]
     preview = samples.with_columns(pl.col(floats).round(4)) if floats else samples
     header = "| " + " | ".join(preview.columns) + " |"
@@ -110,7 +125,7 @@ def release_asset(recipe: Recipe, check_keys: list[dg.AssetCheckKey]) -> dg.Asse
 
     @dg.asset(
         name=name,
-        deps=[score_statistics, duplicate_groups],
+        deps=[dg.AssetDep(SELECTIONS, partition_mapping=ALL_SHARDS)],
         group_name="releases",
         code_version=recipe.sha256[:16],
         kinds={"parquet", "numpy"},
@@ -118,11 +133,14 @@ def release_asset(recipe: Recipe, check_keys: list[dg.AssetCheckKey]) -> dg.Asse
         check_specs=[dg.AssetCheckSpec(check, asset=name, description=text) for check, text in RELEASE_CHECKS.items()],
     )
     def _release(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
-        teacher_id = teacher_id_of(context)
-        sources = ReleaseSources(platform.lancedb_uri, platform.validated_uri, teacher_id, platform.pool, platform.s3)
+        plan, folder = plan_of_release(context, platform, recipe)
+        try:
+            selected = assemble(recipe, plan, folder)
+        except RecipeError as error:
+            raise dg.Failure(str(error)) from error
         options = ReleaseOptions(run_id=context.run.run_id, checks=_check_results(context, check_keys),
                                  labels=_evaluation_labels(platform))
-        created = create_release(recipe, sources, platform.releases_uri, options)
+        created = publish_release(recipe, plan, selected, platform.releases_uri, options)
         manifest = created.manifest
         funnel = "\n".join(["| stage | rows |", "| --- | ---: |"]
                            + [f"| {stage['stage']} | {stage['rows']:,} |" for stage in manifest["funnel"]])
@@ -133,12 +151,13 @@ def release_asset(recipe: Recipe, check_keys: list[dg.AssetCheckKey]) -> dg.Asse
                 "version": manifest["version"],
                 "dagster/row_count": manifest["selected"],
                 "pool_rows": manifest["pool_rows"],
-                "teacher_id": teacher_id,
+                "teacher_id": plan.sources.teacher_id,
                 "manifest": dg.MetadataValue.path(storage.join(created.uri, "manifest.json")),
                 "report": dg.MetadataValue.path(storage.join(created.uri, "report", "report.md")),
                 "funnel": dg.MetadataValue.md(funnel),
                 "lancedb_tables": dg.MetadataValue.json(manifest["lancedb_tables"]),
-                **report_metadata(created.uri, platform),
+                "plan_id": plan.plan_id,
+                **report_metadata(created, platform),
             },
             check_results=release_checks(manifest, recipe, created.uri, platform),
         )
