@@ -111,22 +111,43 @@ def materialize_graph(instance: dg.DagsterInstance, defs: dg.Definitions | None 
     keep_teacher = not retrain_teacher and _teacher_is_current(instance, platform, teacher_config)
     outcomes: list[StepOutcome] = []
     skipped: set[str] = set()
+    owners = job_owners(defs)
     for wave in lineage_waves(defs):
         partitions = keys if wave.per_shard else [None]
-        assets = [name for name in wave.assets if not (keep_teacher and name == TEACHER.to_user_string())]
-        checks = [dg.AssetCheckKey(TEACHER, TEACHER_GATE)] if len(assets) < len(wave.assets) else []
-        for partition in partitions:
-            if partition in skipped:
-                continue
-            outcome = _execute(defs, instance, assets, checks, partition)
-            outcomes.append(outcome)
-            if on_step:
-                on_step(outcome)
-            if not outcome.success and partition is None:
-                return outcomes  # everything after a global step depends on it
-            if not outcome.success:
-                skipped.add(partition)
+        for job, names in _by_job(wave.assets, owners):
+            assets = [name for name in names if not (keep_teacher and name == TEACHER.to_user_string())]
+            checks = [dg.AssetCheckKey(TEACHER, TEACHER_GATE)] if len(assets) < len(names) else []
+            for partition in partitions:
+                if partition in skipped:
+                    continue
+                outcome = _execute(defs, instance, job, assets, checks, partition)
+                outcomes.append(outcome)
+                if on_step:
+                    on_step(outcome)
+                if not outcome.success and partition is None:
+                    return outcomes  # everything after a global step depends on it
+                if not outcome.success:
+                    skipped.add(partition)
     return outcomes
+
+
+def job_owners(defs: dg.Definitions) -> dict[str, str]:
+    """Each asset's named job (the first that selects it), so the runs list says what each run did."""
+    owners: dict[str, str] = {}
+    for job in defs.jobs or []:
+        for key in defs.resolve_job_def(job.name).asset_layer.selected_asset_keys:
+            owners.setdefault(key.to_user_string(), job.name)
+    return owners
+
+
+def _by_job(assets: tuple[str, ...], owners: dict[str, str]) -> list[tuple[str, list[str]]]:
+    """A wave's assets as one run per job, in the order the jobs first appear (all are ready together)."""
+    groups: dict[str, list[str]] = {}
+    for name in assets:
+        if name not in owners:
+            raise dg.DagsterInvariantViolationError(f"asset {name} belongs to no job: add it to one in definitions.py")
+        groups.setdefault(owners[name], []).append(name)
+    return list(groups.items())
 
 
 @dataclass(frozen=True)
@@ -176,15 +197,16 @@ def _teacher_is_current(instance: dg.DagsterInstance, platform: PlatformResource
             and storage.exists(storage.join(platform.trained_teacher_uri, CONFIG_FILE), platform.s3))
 
 
-def _execute(defs: dg.Definitions, instance: dg.DagsterInstance, assets: list[str],
+def _execute(defs: dg.Definitions, instance: dg.DagsterInstance, job: str, assets: list[str],
              checks: list[dg.AssetCheckKey], partition: str | None) -> StepOutcome:
-    """One run: ``assets`` with their checks, plus ``checks`` alone (a kept asset's checks)."""
+    """One run of ``job``: ``assets`` with their checks, plus ``checks`` alone (a kept asset's checks)."""
     started = time.perf_counter()
-    selection = dg.AssetSelection.assets(*assets) | dg.AssetSelection.checks(*checks)
-    result = dg.materialize(
-        [*defs.assets, *defs.asset_checks], selection=selection, partition_key=partition, instance=instance,
-        resources=defs.resources, run_config=QUIET, raise_on_error=False, tags={"curation/main_job": "true"},
-    )
+    keys = {dg.AssetKey.from_user_string(name) for name in assets}
+    resolved = defs.resolve_job_def(job)
+    with_checks = {key for key in defs.resolve_asset_graph().asset_check_keys if key.asset_key in keys}
+    subset = resolved.get_subset(asset_selection=keys, asset_check_selection=with_checks | set(checks))
+    result = subset.execute_in_process(run_config=QUIET, instance=instance, partition_key=partition,
+                                       raise_on_error=False, tags={"curation/main_job": "true"})
     materialized = {
         event.asset_key.to_user_string(): {name: value.value for name, value in event.materialization.metadata.items()}
         for event in result.get_asset_materialization_events()

@@ -192,8 +192,11 @@ def test_whole_graph_then_only_the_new_shard(tmp_path: Path, demo_pool_dir: Path
     statistics = pool_wide.materialized["score_statistics"]
     assert statistics["dagster/row_count"] == accepted and statistics["shards"] == 1
     assert "kl_text_coverage_png" in statistics and "data:image/png;base64," in statistics["score_histograms_png"]
-    reference = by_step[(("eval_set_embeddings", "image_index", "normsim_target", "reference_sample"),
-                         None)].materialized
+    reference = by_step[(("eval_set_embeddings", "normsim_target", "reference_sample"), None)].materialized
+    assert by_step[(("image_index",), None)].success, "one wave, one run per job"
+    runs = instance.get_run_records()
+    assert {record.dagster_run.job_name for record in runs} == \
+        {"teacher_and_references", "shard_pipeline", "pool_statistics", "releases"}, "the runs say what they did"
     assert reference["reference_sample"]["dagster/row_count"] == 100
     assert reference["normsim_target"]["dagster/row_count"] > 0
     # The release passes: a plan, per shard the candidates and the selections, the cut-offs in between.
