@@ -302,3 +302,69 @@ def test_html_is_self_contained_and_captions_escaped(tmp_path: Path) -> None:
     cell = r"\<script\>alert\(1\)\</script\> \| \*b\* \$x\$ \&amp; \!\[p\]\(http://e.x/p\) \<img src=//e.x\>"
     assert markdown.count(cell) == 28 and "<script>" not in markdown and "](http" not in markdown
     assert cell in result.preview_table
+
+
+def test_ui_figures_outlive_the_report_folder(tmp_path: Path) -> None:
+    """A release's report is written in a staging folder removed once published: the result keeps the UI
+    figures' bytes, so the orchestrator can still show them (and the inline page) afterwards."""
+    import shutil
+
+    result = _write(tmp_path / "staging", _pool(), _selected(_pool()), Loader(), **SECTIONS)
+    before = inline_markdown(result)
+    expected = [(alt, path, path.read_bytes()) for alt, path in result.ui_images]
+    shutil.rmtree(tmp_path / "staging")
+    assert result.ui_figures() == expected and inline_markdown(result) == before
+
+
+def test_report_metadata_uses_the_report_result_or_reads_the_published_one(tmp_path: Path) -> None:
+    import shutil
+
+    from curation_platform.releases import Release
+    from curation_platform_dagster.defs.releases import report_metadata
+    from curation_platform_dagster.defs.resources import PlatformResource
+
+    published = tmp_path / "release"
+    published.mkdir()
+    pl.DataFrame({"uid": ["u0001", "u0002"], "clip_score": [0.312345678, 0.29], "weight": [1.0, 1.0]}).write_parquet(
+        published / "samples.parquet")
+    platform = PlatformResource(home_uri=str(tmp_path / "home"))
+    result = _write(tmp_path / "staging", _pool(), _selected(_pool()), Loader(), **SECTIONS)
+    shutil.rmtree(tmp_path / "staging")
+    metadata = report_metadata(Release(str(published), "demo", 1, {}, report=result), platform)
+    assert set(metadata) == {"funnel_png", "score_histograms_png", "around_cutoff_clip_score_png",
+                             "around_cutoff_kl_text_png", "random_sample_png", "report_markdown", "preview"}
+    page = metadata["report_markdown"].value
+    assert page == inline_markdown(result) and page.count("](data:image/png;base64,") == 5
+    assert "| samples in the shards | 400 |" in page and "0.3123" in metadata["preview"].value
+
+    _write(published / "report", _pool(), _selected(_pool()), Loader(), **SECTIONS)  # as published
+    read_back = report_metadata(Release(str(published), "demo", 1, {}), platform)
+    assert {"funnel_png", "score_histograms_png", "composition_language_png", "preview"} <= set(read_back)
+    assert "report_markdown" not in read_back and sum(key.startswith("examples_") for key in read_back) == 2
+
+
+def test_ingestion_totals_sum_the_shard_reports(tmp_path: Path) -> None:
+    import json
+
+    from curation_platform.layout import ShardOutputs
+    from curation_platform.releases import ReleaseSources
+    from curation_platform.releases.store import _ingestion_totals
+
+    validated = str(tmp_path / "validated")
+    reports = {"00000": {"total": 10, "accepted": 7, "quarantined": 3, "shard_id": "a",
+                         "by_reason": {"not_downloaded": 2, "undecodable_image": 1}},
+               "00001": {"total": 5, "accepted": 4, "quarantined": 1, "shard_id": "b",
+                         "by_reason": {"undecodable_image": 1}}}
+    for shard, report in reports.items():
+        path = Path(ShardOutputs.of(validated, shard).report)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report))
+    sources = ReleaseSources("unused", validated, "teacher")
+    totals = _ingestion_totals({"00000": 7, "00001": 4, "00002": 9}, sources)  # 00002 has no report
+    assert totals == {"samples": 15, "accepted": 11, "quarantined": {"not_downloaded": 2, "undecodable_image": 2},
+                      "shards": 2, "shards_without_report": 1}
+    assert _ingestion_totals({"00002": 9}, sources) is None
+    result = _write(tmp_path / "report", _pool(), _selected(_pool()), Loader(), ingestion=totals)
+    markdown = result.markdown.read_text(encoding="utf-8")
+    assert "in 2 shards" in markdown and "1 input shards have no validation report" in markdown
+    assert "do not reconcile" not in markdown

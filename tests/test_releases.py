@@ -24,21 +24,8 @@ from curation_platform.releases import (
     verify_release,
 )
 from curation_platform.releases.artefacts import CHECKSUMS, SAMPLES, SUBSET
+from tests.helpers.recipes import NEGCLIP_NORMSIM
 
-NEGCLIP_NORMSIM = """
-name = "negclip-normsim"
-description = "negCLIPLoss top 30%, then NormSim_inf to 20% of the pool"
-
-[[stage]]
-type = "top_fraction"
-score = "neg_clip_loss"
-fraction = 0.30
-
-[[stage]]
-type = "top_fraction"
-score = "norm_sim_inf"
-fraction = 0.20
-"""
 WEIGHTED = """
 name = "weighted"
 max_size = 50
@@ -54,12 +41,6 @@ prompt = "circles squares and triangles"
 mode = "clipped"
 clip_at = 3.0
 """
-
-
-@pytest.fixture()
-def sources(scored_demo: dict, demo_pool_dir: Path) -> ReleaseSources:
-    return ReleaseSources(scored_demo["lance"], str(scored_demo["root"] / "validated"),
-                          scored_demo["teacher"].teacher_id, str(demo_pool_dir / "pool"))
 
 
 @pytest.mark.parametrize("text, message", [
@@ -174,6 +155,52 @@ def test_release_is_reproducible_verifiable_and_far_cleaner_than_the_pool(tmp_pa
     (other / CHECKSUMS).write_text("\n".join(sorted(lines, key=lambda line: line.split('  ')[1])) + "\n")
     rederived = verify_release(second.uri)
     assert not rederived.ok and rederived.uids_identical is False and rederived.uids_removed == 1
+
+
+def test_release_report_has_ingestion_checks_provenance_and_labels(tmp_path: Path, sources: ReleaseSources,
+                                                                  scored_demo: dict) -> None:
+    """report.md and report.html of a real release: the ingestion funnel summed over the input shards'
+    validation reports, the recorded check results, the provenance and the evaluation-label composition."""
+    from curation_platform.layout import ShardOutputs
+
+    labels = scored_demo["truth"].select("uid", pl.col("corruption").alias("label"))
+    checks = {"pool_validates": "SUCCEEDED", "scores_complete": "FAILED", "duplicates_resolved": "SUCCEEDED"}
+    created = create_release(parse_recipe(NEGCLIP_NORMSIM), sources, str(tmp_path / "releases"),
+                             ReleaseOptions(run_id="run-1234", checks=checks, labels=labels))
+    manifest = created.manifest
+    shards = [entry["shard"] for entry in manifest["input_shards"]]
+    reports = [json.loads(Path(ShardOutputs.of(sources.validated_uri, shard).report).read_text()) for shard in shards]
+    samples, accepted = sum(r["total"] for r in reports), sum(r["accepted"] for r in reports)
+    reasons: dict[str, int] = {}
+    for report in reports:
+        for reason, count in report["by_reason"].items():
+            reasons[reason] = reasons.get(reason, 0) + count
+    assert len(shards) == 2 and samples == 300 and reasons  # the demo pool has corrupt samples to quarantine
+
+    markdown = (Path(created.uri) / "report" / "report.md").read_text(encoding="utf-8")
+    page = (Path(created.uri) / "report" / "report.html").read_text(encoding="utf-8")
+    order = [markdown.index(f"## {name}\n") for name in ("Release", "Provenance", "Data-quality checks", "Ingestion",
+                                                         "Funnel", "Evaluation labels (never used for selection)")]
+    assert order == sorted(order)
+    ingestion = markdown[markdown.index("## Ingestion"):markdown.index("## Funnel")]
+    assert "in 2 shards" in ingestion and "do not reconcile" not in ingestion and "no validation report" not in ingestion
+    assert f"| samples in the shards | {samples:,} | 100.0% |" in ingestion
+    assert f"| accepted into the pool | {accepted:,} |" in ingestion
+    assert "<td>samples in the shards</td>" in page and f"<td>accepted into the pool</td><td>{accepted:,}</td>" in page
+    for reason, count in reasons.items():
+        label = "not downloaded" if reason == "not_downloaded" else f"quarantined: {reason}"
+        assert f"| {label} | {count:,} |" in ingestion and f"<td>{label}</td><td>{count:,}</td>" in page
+    assert "3 checks: 1 FAILED, 2 SUCCEEDED." in markdown and "3 checks: 1 FAILED, 2 SUCCEEDED." in page
+    for name, status in checks.items():
+        assert f"| {name} | {status} |" in markdown and f"<td>{name}</td><td>{status}</td>" in page
+    for key in ("git_commit", "created_at", "package_version", "run_id"):
+        assert f"| {key} | {manifest[key]} |" in markdown and f"<td>{key}</td><td>{manifest[key]}</td>" in page
+    assert manifest["run_id"] == "run-1234" and manifest["git_commit"]
+    scored = sum(entry["samples"] for entry in manifest["input_shards"])
+    assert f"| input shards | 2 ({scored:,} scored samples) |" in markdown
+    assert "| misaligned |" in markdown and "<h2>Evaluation labels (never used for selection)</h2>" in page
+    assert "<td>misaligned</td>" in page and "<td>unlabelled</td>" not in page  # every pool uid has its label
+    assert verify_release(created.uri, rederive=False).ok
 
 
 def _scored_uids(scored_demo: dict):

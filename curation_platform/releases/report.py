@@ -25,7 +25,7 @@ import math
 import re
 import textwrap
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +71,11 @@ ImageLoader = Callable[[list[str]], dict[str, bytes]]
 
 @dataclass(frozen=True)
 class ReportResult:
-    """What :func:`write_report` wrote, and the parts an orchestrator shows inline (:func:`inline_markdown`)."""
+    """What :func:`write_report` wrote, and the parts an orchestrator shows inline (:func:`inline_markdown`).
+
+    The paths are where the report was written (for a release, a staging folder that is gone once the
+    release is published); ``ui_pngs`` holds the UI figures' bytes, so :meth:`ui_figures` and
+    :func:`inline_markdown` work after that."""
 
     markdown: Path
     html: Path
@@ -79,10 +83,17 @@ class ReportResult:
     ui_images: tuple[tuple[str, Path], ...]  # (alt text, PNG): funnel, cut score histograms, cut-off and sample grids
     funnel_table: str  # Markdown: the ingestion funnel (when given) and the selection funnel
     preview_table: str  # Markdown: the first rows of the release's random sample with their ranked scores
+    ui_pngs: tuple[bytes, ...] = field(default=(), repr=False)  # the bytes of each of ui_images, in its order
 
     @property
     def paths(self) -> list[Path]:
         return [self.markdown, self.html, *self.figures]
+
+    def ui_figures(self) -> list[tuple[str, Path, bytes]]:
+        """(alt text, PNG path, PNG bytes) per UI figure: the bytes kept in memory, else read from the path."""
+        if len(self.ui_pngs) == len(self.ui_images):
+            return [(alt, path, png) for (alt, path), png in zip(self.ui_images, self.ui_pngs)]
+        return [(alt, path, path.read_bytes()) for alt, path in self.ui_images]
 
 
 def write_report(out: Path, *, title: str, pool: pl.DataFrame, selected_uids: pl.Series, funnel: list[dict],
@@ -97,7 +108,8 @@ def write_report(out: Path, *, title: str, pool: pl.DataFrame, selected_uids: pl
     ``cutoffs`` the effective threshold per cut score (cut-offs on columns missing from the pool are
     listed but not drawn). ``load_images(uids)`` returns encoded images by uid; missing or undecodable
     ones get a placeholder cell. Optional sections: ``ingestion`` ``{"samples", "accepted",
-    "quarantined": {reason code: count}}`` (plus ``"shards"``) summed over the pool's shard reports;
+    "quarantined": {reason code: count}}`` (plus ``"shards"`` and ``"shards_without_report"``) summed over
+    the pool's shard reports;
     ``checks`` check name -> latest status; ``provenance`` scalar fields (git commit, created-at, ...)
     and ``"input_shards"``, the manifest's list of ``{"shard", "shard_id", "checksum", "samples"}``;
     ``extra_sections`` Markdown (headings, paragraphs, pipe tables) appended to both versions.
@@ -133,7 +145,8 @@ def write_report(out: Path, *, title: str, pool: pl.DataFrame, selected_uids: pl
     ui = tuple((path.stem.replace("_", " "), path) for path in written if _shown_inline(path))
     funnel_table = "\n\n".join(t for t in (_ingestion_table(ingestion), _funnel_table(funnel)) if t)
     preview = _sample_table(sample.head(PREVIEW_ROWS), scores[:PREVIEW_SCORES])
-    return ReportResult(report, page, tuple(written), ui, funnel_table, preview)
+    return ReportResult(report, page, tuple(written), ui, funnel_table, preview,
+                        ui_pngs=tuple(path.read_bytes() for _, path in ui))
 
 
 def inline_markdown(result: ReportResult, max_bytes: int = INLINE_MAX_BYTES) -> str:
@@ -144,11 +157,12 @@ def inline_markdown(result: ReportResult, max_bytes: int = INLINE_MAX_BYTES) -> 
     tables longer than ``max_bytes`` on their own exceed it."""
     head = f"### Funnel\n\n{result.funnel_table}" if result.funnel_table else ""
     tail = f"### Preview: random samples of the release\n\n{result.preview_table}"
-    budget = max_bytes - len(f"{head}\n\n{tail}\n".encode()) - INLINE_NOTE_BYTES * len(result.ui_images)
+    shown = result.ui_figures()
+    budget = max_bytes - len(f"{head}\n\n{tail}\n".encode()) - INLINE_NOTE_BYTES * len(shown)
     figures = []
-    for index, (alt, path) in enumerate(result.ui_images):
-        share = budget // (len(result.ui_images) - index)
-        uri = _data_uri(path, share - len(alt.encode()) - 8)
+    for index, (alt, _, png) in enumerate(shown):
+        share = budget // (len(shown) - index)
+        uri = _data_uri(png, share - len(alt.encode()) - 8)
         entry = f"![{alt}]({uri})" if uri else f"({alt}: left out to stay under {max_bytes:,} bytes; see report.html)"
         figures.append(entry)
         budget += INLINE_NOTE_BYTES - len(entry.encode()) - 2  # this figure's reserve, freed, less what it took
@@ -233,6 +247,10 @@ def _ingestion_section(ingestion: Mapping[str, Any] | None) -> str:
     note = "" if samples == accepted + quarantined else (
         f"\n\nThe counts do not reconcile: {accepted:,} accepted + {quarantined:,} quarantined ≠ {samples:,}.")
     shards = f" in {int(ingestion['shards']):,} shards" if "shards" in ingestion else ""
+    unread = int(ingestion.get("shards_without_report") or 0)
+    if unread:
+        note += (f"\n\n{unread:,} input shards have no validation report: their samples are not counted "
+                 "here.")
     return (f"## Ingestion\n\nEvery sample the shards mention{shards}, before the pool: each is accepted or "
             f"quarantined with one reason code.\n\n{_ingestion_table(ingestion)}{note}")
 
@@ -691,10 +709,10 @@ def _html_text(text: str) -> str:
 
 # -- inline images ---------------------------------------------------------------------------------
 
-def _data_uri(path: Path, limit: int) -> str | None:
-    """``path`` as a palette PNG ``data:`` URI of at most ``limit`` characters, at the largest of
+def _data_uri(png: bytes, limit: int) -> str | None:
+    """The PNG ``png`` as a palette PNG ``data:`` URI of at most ``limit`` characters, at the largest of
     :data:`INLINE_SCALES` that fits; None when even the smallest does not."""
-    with Image.open(path) as image:
+    with Image.open(io.BytesIO(png)) as image:
         rgb = image.convert("RGB")
     for scale in INLINE_SCALES:
         width = max(1, round(min(rgb.width, MAX_WIDTH_PX) * scale))

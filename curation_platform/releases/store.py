@@ -115,9 +115,9 @@ def publish_release(recipe: Recipe, plan: ReleasePlan, selected: Selected, relea
 def _publish_next(recipe: Recipe, plan: ReleasePlan, selected: Selected, releases_uri: str,
                   options: ReleaseOptions) -> Release:
     version = next_version(releases_uri, recipe.name, plan.sources.s3)
-    uri, manifest = _stage_and_publish(recipe, plan.sources, releases_uri, options, plan.versions, plan.provenance,
-                                       selected, version)
-    return Release(uri, recipe.name, version, manifest)
+    uri, manifest, report = _stage_and_publish(recipe, plan.sources, releases_uri, options, plan.versions,
+                                               plan.provenance, selected, version)
+    return Release(uri, recipe.name, version, manifest, report)
 
 
 @contextlib.contextmanager
@@ -132,7 +132,7 @@ def _executor(workers: int) -> Iterator[Executor | None]:
 
 def _stage_and_publish(recipe: Recipe, sources: ReleaseSources, releases_uri: str, options: ReleaseOptions,
                        versions: dict[str, int], provenance: dict[str, Any], selected: Selected,
-                       version: int) -> tuple[str, dict[str, Any]]:
+                       version: int) -> tuple[str, dict[str, Any], ReportResult]:
     """Write every file of ``version`` into a local staging folder, pin the tables, publish in one step."""
     with tempfile.TemporaryDirectory(prefix="release-") as scratch:
         staging = Path(scratch)
@@ -144,12 +144,12 @@ def _stage_and_publish(recipe: Recipe, sources: ReleaseSources, releases_uri: st
         manifest = _manifest(recipe, recipe_file, sources, versions, provenance, selected, version,
                              sha256_file(staging / SAMPLES), options)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        _write_report(staging, recipe, selected, manifest, sources, versions, options.labels)
+        report = _write_report(staging, recipe, selected, manifest, sources, versions, options.labels)
         write_checksums(staging)
         if options.fail_before_publish:
             options.fail_before_publish()
         _pin(sources, versions, recipe.name, version)
-        return publish_folder(staging, releases_uri, recipe.name, version, sources.s3), manifest
+        return publish_folder(staging, releases_uri, recipe.name, version, sources.s3), manifest, report
 
 
 def _manifest(recipe: Recipe, recipe_file: str, sources: ReleaseSources, versions: dict[str, int],
@@ -235,6 +235,8 @@ def _ingestion_totals(shards: Iterable[str], sources: ReleaseSources) -> dict[st
         if not storage.exists(report_uri, sources.s3):
             return None
         report = json.loads(storage.read_bytes(report_uri, sources.s3))
+        if "total" not in report or "accepted" not in report:
+            return None  # a report without the counts: the shard is listed as without one
         return int(report["total"]), int(report["accepted"]), dict(report.get("by_reason") or {})
 
     with ThreadPoolExecutor(max_workers=inputs.REPORT_READERS) as pool:
