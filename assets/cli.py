@@ -14,7 +14,7 @@ import click
 from curation_platform import storage
 from curation_platform.cli import main
 from curation_platform.cli.display import example, warn
-from curation_platform.cli.group import HOME_HELP, project_layout
+from curation_platform.cli.group import ANY_URL, HOME_HELP, project_layout
 from curation_platform.cli.pool import build_demo_pool_into
 from curation_platform.cli.releases import echo_funnel
 from curation_platform.cli.teachers import (
@@ -44,11 +44,11 @@ DEMO_SETTINGS = {"scoring": DEMO_SCORING, "evaluation": DEMO_EVALUATION, "duplic
 @click.option("--home", default=None, help=HOME_HELP)
 @click.option("--shards", type=click.IntRange(min=1), default=4, show_default=True, help="Shards in the demo pool.")
 @click.option("--samples-per-shard", type=click.IntRange(min=1), default=500, show_default=True, help="Samples per demo shard.")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Demo pool seed.")
+@click.option("--pool-seed", type=click.IntRange(min=0), default=0, show_default=True, help="Demo pool seed.")
 @click.option("--workers", type=click.IntRange(min=0), default=min(4, os.cpu_count() or 1), show_default=True,
               help="Worker processes for demo generation.")
 @click.option("--retrain-teacher", is_flag=True, help="Train the teacher again even if one is materialised.")
-def demo(home: str | None, shards: int, samples_per_shard: int, seed: int, workers: int,
+def demo(home: str | None, shards: int, samples_per_shard: int, pool_seed: int, workers: int,
          retrain_teacher: bool) -> None:
     """The main job on the embedded default: build the demo pool, then `run` on it.
 
@@ -60,7 +60,7 @@ def demo(home: str | None, shards: int, samples_per_shard: int, seed: int, worke
         raise click.UsageError("the demo builds its pool on local disk: give a local --home")
     started = time.perf_counter()
     click.echo(f"project home: {layout.home}")
-    build_demo_pool_into(Path(layout.demo), shards, samples_per_shard, seed, workers, reuse=True)
+    build_demo_pool_into(Path(layout.demo), shards, samples_per_shard, pool_seed, workers, reuse=True)
     click.echo(f"demo pool in {layout.demo} ({time.perf_counter() - started:.1f} s)")
     settings = Path(layout.settings_file)
     if not settings.exists():
@@ -74,7 +74,7 @@ def demo(home: str | None, shards: int, samples_per_shard: int, seed: int, worke
 
 @main.command("run", epilog=example("run --pool s3://bucket/pool --train-on s3://bucket/reference "
                                     "--home ./curation_home"))
-@click.option("--pool", "pool_uri", required=True, help="The pool's shards (local folder or s3:// prefix).")
+@click.option("--pool", "pool_uri", required=True, help=f"The pool's shards ({ANY_URL}).")
 @click.option("--home", default=None, help=HOME_HELP)
 @teacher_options
 @click.option("--train-on", default=None,
@@ -84,7 +84,7 @@ def demo(home: str | None, shards: int, samples_per_shard: int, seed: int, worke
 @click.option("--teacher-gate", type=click.Choice(["block", "warn"]), default=None,
               help="What a teacher below the bar does: block embedding (default) or only warn.")
 @training_options
-@click.option("--target", "target_uri", default=None, help="NormSim target images or shards (local or s3://).")
+@click.option("--target", "target_uri", default=None, help=f"NormSim target images or shards ({ANY_URL}).")
 @click.option("--prompt", "prompts", multiple=True, help="Domain prompt for importance weights (repeatable).")
 @click.option("--recipes", "recipes_dir", default=None, type=click.Path(file_okay=False),
               help="Release recipes (default <home>/recipes).")
@@ -147,7 +147,7 @@ def _run_main_job(layout: ProjectLayout, *, pool: str, teacher: dict, scoring: d
     evaluated = []
     for outcome in outcomes:
         for asset, metadata in outcome.materialized.items():
-            if asset.startswith("release_"):
+            if asset.startswith("release_") and "release_id" in metadata:
                 _echo_release(metadata)
             if asset.startswith("evaluation_") and "evaluation_id" in metadata:
                 evaluated.append(metadata)
@@ -206,7 +206,7 @@ def _echo_evaluations(evaluated: list[dict]) -> None:
 STEP_FACTS = {  # what the main job prints per materialisation, when present
     "teacher_id": "teacher {}", "i2t_recall_at_5": "held-out i2t R@5 {:.3f}", "dagster/row_count": "{} rows",
     "pairs_per_second": "{:.0f} pairs/s", "reference_id": "{}", "target_id": "{}", "shards": "{} shards",
-    "evaluation_id": "{}",
+    "evaluation_id": "{}", "recipes_resolved": "{} recipes resolved",
 }
 
 

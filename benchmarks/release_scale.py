@@ -38,22 +38,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for `python benchmarks/...`
+from tests.helpers.recipes import NEGCLIP_NORMSIM  # the recipe the release tests run
+
 SHARD_ROWS = 10_000
 TEACHER_ID = "bench-teacher"
 # demo recipes as published, except that the negCLIPLoss -> NormSim chain runs without the demo's
 # decontaminate and dedup stages (a synthetic pool has no duplicate tables)
 RECIPES = {
     "clip-score-top30": None,
-    "negclip-normsim": """name = "negclip-normsim"
-[[stage]]
-type = "top_fraction"
-score = "neg_clip_loss"
-fraction = 0.30
-[[stage]]
-type = "top_fraction"
-score = "norm_sim_inf"
-fraction = 0.20
-""",
+    "negclip-normsim": NEGCLIP_NORMSIM,
 }
 STATISTICS_MAX_ROWS = 2_000_000  # ScoringResource.statistics_max_rows
 

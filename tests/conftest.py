@@ -1,10 +1,12 @@
-"""Shared fixtures: a real S3-compatible server (SeaweedFS) on loopback, started and stopped here, and a small
-demo pool scored by a small trained teacher. The helpers they call live in ``tests/helpers/``."""
+"""Shared fixtures: a real S3-compatible server (SeaweedFS) on loopback, started and stopped here, a small
+demo pool scored by a small trained teacher, and the ``sources`` a release of it reads. The helpers they call
+live in ``tests/helpers/``."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import polars as pl
 import pytest
@@ -13,6 +15,9 @@ from curation_platform.storage import S3Settings
 from tests.helpers.demo import build_small_demo_pool
 from tests.helpers.processes import port_open
 from tests.helpers.s3 import S3_PORT, running_seaweedfs, server_settings, wait_until_ready
+
+if TYPE_CHECKING:
+    from curation_platform.releases import ReleaseSources
 
 
 @pytest.fixture(scope="session")
@@ -67,3 +72,12 @@ def scored_demo(tmp_path_factory: pytest.TempPathFactory, demo_pool_dir: Path) -
     results = score_pool(context, lance)
     return {"root": root, "teacher": teacher, "lance": lance, "context": context, "results": results, "jobs": jobs,
             "truth": pl.read_parquet(demo_pool_dir / "ground_truth.parquet").filter(pl.col("split") == "pool")}
+
+
+@pytest.fixture()
+def sources(scored_demo: dict, demo_pool_dir: Path) -> ReleaseSources:
+    """Where a release of the scored demo reads: its LanceDB, validated samples, teacher and pool."""
+    from curation_platform.releases import ReleaseSources
+
+    return ReleaseSources(scored_demo["lance"], str(scored_demo["root"] / "validated"),
+                          scored_demo["teacher"].teacher_id, str(demo_pool_dir / "pool"))

@@ -23,7 +23,7 @@ from tests.helpers.demo import build_small_demo_pool
 from tests.helpers.teachers import CPU, TINY
 
 EPOCHS = 2
-COMMANDS = [[name] for name, command in main.commands.items() if not isinstance(command, click.Group)]
+COMMANDS = [[], *([name] for name, command in main.commands.items() if not isinstance(command, click.Group))]
 COMMANDS += [["release"], *(["release", name] for name in main.commands["release"].commands)]
 
 
@@ -42,13 +42,13 @@ def trained(demo: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path,
     return out, events
 
 
-@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda command: " ".join(command) or "curation-platform")
 def test_every_help_ends_with_one_example(command: list[str]) -> None:
     result = CliRunner().invoke(main, [*command, "--help"])
     assert result.exit_code == 0, result.output
     assert result.stdout.count("Example:") == 1
     example = result.stdout.split("Example:", 1)[1].splitlines()[1].strip()
-    assert example.startswith(f"curation-platform {' '.join(command)} ")
+    assert example.startswith(" ".join(["curation-platform", *command, ""]))
 
 
 def test_each_batch_meaning_has_its_own_flag() -> None:
@@ -58,6 +58,18 @@ def test_each_batch_meaning_has_its_own_flag() -> None:
     assert "--negclip-batch" in score and "--batch-size" not in score
     refused = CliRunner().invoke(main, ["score", "--lance", "db", "--batch-size", "64"])
     assert refused.exit_code == 2 and "No such option '--batch-size'" in refused.output
+
+
+@pytest.mark.parametrize(("command", "seed"), [(["demo-pool", "--out", "demo"], "--pool-seed"),
+                                               (["demo"], "--pool-seed"),
+                                               (["train-teacher", "reference", "--out", "teacher"], "--training-seed")])
+def test_each_seed_meaning_has_its_own_flag(command: list[str], seed: str) -> None:
+    shown = CliRunner().invoke(main, [command[0], "--help"]).stdout
+    assert seed in shown and "--seed " not in shown
+    refused = CliRunner().invoke(main, [*command, "--seed", "1"])
+    errors = [line for line in refused.output.splitlines() if line.startswith("Error:")]
+    assert refused.exit_code == 2 and len(errors) == 1, refused.output
+    assert errors[0].startswith("Error: No such option '--seed'")
 
 
 def test_training_reports_every_epoch_with_its_loss(trained: tuple[Path, list[dict]]) -> None:

@@ -38,7 +38,7 @@ CLI_MIRRORS = [
     (["embed"], EmbedConfig, {"device": "device", "batch_size": "batch_size", "workers": "workers"}),
     (["score"], ScoreParams, {"reference_size": "reference_size", "reference_seed": "reference_seed",
                               "neg_clip_batch_size": "neg_clip_batch_size", "repeats": "neg_clip_repeats"}),
-    (["train-teacher"], TrainingConfig, {"precision": "precision", "seed": "seed"}),
+    (["train-teacher"], TrainingConfig, {"precision": "precision", "training_seed": "seed"}),
     (["run"], TrainingConfig, {"precision": "precision"}),
     (["validate"], ValidationLimits, {"min_side": "min_image_side", "max_pixels": "max_pixels",
                                       "max_caption_chars": "max_caption_chars"}),

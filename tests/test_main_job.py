@@ -49,7 +49,8 @@ def test_run_on_a_users_own_pool(other_pool: Path, tmp_path: Path, monkeypatch: 
     assert "release clip-half-1-" in first.output
     assert f"CURATION_TEACHER_TRAIN_ON={other_pool / 'reference'}" in first.output
     assert not (home / "demo").exists() and sorted(path.name for path in home.iterdir()) == [
-        "analysis", "curation.json", "dagster", "duplicates", "lancedb", "releases", "state", "teacher", "validated"]
+        "analysis", "curation.json", "dagster", "duplicates", "lancedb", "release_passes", "releases", "state", "teacher",
+        "validated"]
     assert json.loads((home / "curation.json").read_text()) == SETTINGS, "the user's settings are never rewritten"
     manifest = json.loads(next((home / "releases" / "clip-half").glob("*/manifest.json")).read_text())
     assert manifest["selected"] > 0 and len(manifest["input_shards"]) == 2
@@ -138,5 +139,6 @@ def test_two_projects_in_one_process_without_environment_writes(tmp_path: Path) 
         assert teacher.trusted_split(platform) == str(tmp_path / f"clean-{name}")
     per_recipe = {name: {key.to_user_string() for key in graph.resolve_asset_graph().materializable_asset_keys
                          if key.path[0].startswith(("release_", "evaluation_"))} for name, graph in graphs.items()}
-    assert per_recipe == {"a": {"release_clip_half", "evaluation_clip_half"},
-                          "b": {"release_clip_other", "evaluation_clip_other"}}
+    passes = {"release_plan", "release_candidates", "release_cuts", "release_selections"}
+    assert per_recipe == {"a": {"release_clip_half", "evaluation_clip_half", *passes},
+                          "b": {"release_clip_other", "evaluation_clip_other", *passes}}

@@ -24,20 +24,11 @@ from curation_platform.releases.artefacts import SAMPLES, SUBSET, npy_bytes, sub
 from curation_platform.releases.inputs import pool_frame, table_versions
 from curation_platform.scoring.scores import normalise_log_weights
 from curation_platform.selection import run_selection
+from tests.helpers.recipes import NEGCLIP_NORMSIM
 
 RECIPES = {
     # partitionable stages only: the ranks are cut from per-shard summaries
-    "top-then-top": """
-name = "top-then-top"
-[[stage]]
-type = "top_fraction"
-score = "neg_clip_loss"
-fraction = 0.30
-[[stage]]
-type = "top_fraction"
-score = "norm_sim_inf"
-fraction = 0.20
-""",
+    "negclip-normsim": NEGCLIP_NORMSIM,
     # a global stage (intersection) on the survivors, a size bound, clipped self-normalised weights
     "weighted": """
 name = "weighted"
@@ -72,12 +63,6 @@ mode = "raw"
 }
 
 
-@pytest.fixture()
-def sources(scored_demo: dict, demo_pool_dir: Path) -> ReleaseSources:
-    return ReleaseSources(scored_demo["lance"], str(scored_demo["root"] / "validated"),
-                          scored_demo["teacher"].teacher_id, str(demo_pool_dir / "pool"))
-
-
 def _one_process(recipe, sources: ReleaseSources) -> pl.DataFrame:
     """What a release holds when one process selects from the whole pool frame (the former path)."""
     frame = pool_frame(sources, table_versions(sources))
@@ -110,7 +95,7 @@ def test_shard_by_shard_release_equals_the_whole_pool_selection(name: str, sourc
 
 def test_small_releases_keep_one_row_group(sources: ReleaseSources, tmp_path: Path) -> None:
     """A release under a million rows is the single row group ``pq.write_table`` writes."""
-    release = create_release(parse_recipe(RECIPES["top-then-top"]), sources, str(tmp_path / "releases"))
+    release = create_release(parse_recipe(RECIPES["negclip-normsim"]), sources, str(tmp_path / "releases"))
     table = pq.read_table(Path(release.uri) / SAMPLES)
     single = tmp_path / "single.parquet"
     pq.write_table(table, single, compression="zstd")
@@ -144,7 +129,7 @@ def test_each_shard_is_read_through_an_index(sources: ReleaseSources, tmp_path: 
     lance = tmp_path / "lance"
     shutil.copytree(sources.lance_uri, lance)
     private = ReleaseSources(str(lance), sources.validated_uri, sources.teacher_id, sources.pool_uri)
-    release = create_release(parse_recipe(RECIPES["top-then-top"]), private, str(tmp_path / "releases"))
+    release = create_release(parse_recipe(RECIPES["negclip-normsim"]), private, str(tmp_path / "releases"))
     scores = lance_tables.connect(str(lance)).open_table("scores")
     (index,) = [index for index in scores.list_indices() if list(index.columns) == ["shard"]]
     assert scores.index_stats(index.name).num_unindexed_rows == 0

@@ -150,7 +150,7 @@ def release_pass_assets(recipes: list[Recipe]) -> list[dg.AssetsDefinition]:
                           for position, item in enumerate(resolution.filters)]
         return dg.MaterializeResult(
             data_version=dg.DataVersion(plan.plan_id),
-            metadata={"plan_id": plan.plan_id, "recipes": len(plan.recipes), "cuts": dg.MetadataValue.md("\n".join(lines))},
+            metadata={"plan_id": plan.plan_id, "recipes_resolved": len(plan.recipes), "cuts": dg.MetadataValue.md("\n".join(lines))},
         )
 
     @dg.asset(

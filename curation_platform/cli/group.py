@@ -9,9 +9,11 @@ from typing import Any
 import click
 
 from curation_platform import __version__
+from curation_platform.cli.display import example
 from curation_platform.layout import DEFAULT_HOME, ProjectLayout
 
 HOME_HELP = f"Project home (default ./{DEFAULT_HOME}) [env CURATION_HOME]."
+ANY_URL = "any fsspec URL: s3://, gs://, az://, hf://, file://, memory://, or a local path"  # what storage reads
 
 
 DEBUG_ENV = "CURATION_DEBUG"
@@ -36,7 +38,8 @@ def one_line(error: BaseException) -> str:
     return lines[0] if lines else type(error).__name__
 
 
-@click.group(cls=CurationGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=CurationGroup, context_settings={"help_option_names": ["-h", "--help"]},
+             epilog=example("demo --home ./curation_home"))
 @click.version_option(__version__, prog_name="curation-platform")
 def main() -> None:
     """Curate image-text pretraining sets from raw webdataset pools with CLIP-style teachers."""

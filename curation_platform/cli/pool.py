@@ -11,7 +11,7 @@ import click
 from tqdm import tqdm
 
 from curation_platform.cli.display import bar, example
-from curation_platform.cli.group import main, one_line, project_layout, stack
+from curation_platform.cli.group import ANY_URL, main, one_line, project_layout, stack
 from curation_platform.ingest import ShardReport, ingest_pool, write_ingestion
 from curation_platform.layout import ProjectLayout, ShardOutputs
 from curation_platform.pool import ChecksumCache, ShardRef, discover_shards, machine_checksum_cache
@@ -93,11 +93,12 @@ def _print_reports(reports: list[ShardReport]) -> None:
               help="Directory to write the demo pool (pool/, reference/, target/, eval/ and ground truth).")
 @click.option("--shards", type=click.IntRange(min=1), default=4, show_default=True, help="Shards in the raw pool split.")
 @click.option("--samples-per-shard", type=click.IntRange(min=1), default=500, show_default=True, help="Samples per pool shard.")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed: the same seed writes identical bytes.")
+@click.option("--pool-seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of the generator: the same seed writes identical bytes.")
 @click.option("--workers", type=click.IntRange(min=0), default=1, show_default=True, help="Processes generating shards.")
-def demo_pool(out: Path, shards: int, samples_per_shard: int, seed: int, workers: int) -> None:
+def demo_pool(out: Path, shards: int, samples_per_shard: int, pool_seed: int, workers: int) -> None:
     """Write a synthetic pool in img2dataset format with labelled corruptions and clean splits."""
-    summary = build_demo_pool_into(out, shards, samples_per_shard, seed, workers)
+    summary = build_demo_pool_into(out, shards, samples_per_shard, pool_seed, workers)
     click.echo(json.dumps(summary, indent=2))
 
 
@@ -168,7 +169,7 @@ def validate(pool_uri: str, as_json: bool, min_side: int, max_pixels: int, max_c
 
 @main.command(epilog=example("ingest ./pool --out ./validated --workers 8"))
 @click.argument("pool_uri")
-@click.option("--out", "out_uri", required=True, help="Where validated samples go (local path or s3:// URI).")
+@click.option("--out", "out_uri", required=True, help=f"Where validated samples go ({ANY_URL}).")
 @click.option("--home", default=None, help="Project home for state such as the checksum cache [env CURATION_HOME].")
 @_limits_options
 def ingest(pool_uri: str, out_uri: str, home: str | None, min_side: int, max_pixels: int,

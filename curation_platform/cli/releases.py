@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from curation_platform.cli.display import bar, example
-from curation_platform.cli.group import HOME_HELP, main, project_layout, require_tables, stack
+from curation_platform.cli.group import ANY_URL, HOME_HELP, main, project_layout, require_tables, stack
 
 
 @main.group(epilog=example("release show negclip-normsim"))
@@ -24,7 +24,7 @@ def _releases_uri(home: str | None, releases: str | None) -> str:
 _release_options = stack([
     click.option("--home", default=None, help=HOME_HELP),
     click.option("--releases", "releases_uri", default=None,
-                 help="Where releases live (local or s3://; default <home>/releases)."),
+                 help=f"Where releases live ({ANY_URL}; default <home>/releases)."),
 ])
 
 
@@ -197,7 +197,7 @@ def release_derive(parent: str, exclude_path: str, home: str | None, releases_ur
 @release.command("export", epilog=example("release export negclip-normsim/1 --out ./shards"))
 @click.argument("reference")
 @_release_options
-@click.option("--out", "out_uri", required=True, help="Folder for the shards (local or s3://; new, empty or "
+@click.option("--out", "out_uri", required=True, help=f"Folder for the shards ({ANY_URL}; new, empty or "
               "holding this same export).")
 @click.option("--samples-per-shard", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Samples in each output tar.")

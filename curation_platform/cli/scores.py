@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import click
 
 from curation_platform.cli.display import activity, bar, example, warn
-from curation_platform.cli.group import main, require_tables, stack
+from curation_platform.cli.group import ANY_URL, main, require_tables, stack
 from curation_platform.cli.teachers import load_cli_teacher, teacher_options, teacher_spec
 
 if TYPE_CHECKING:
@@ -94,7 +94,7 @@ def _analyse(lance_uri: str, teacher_id: str, out: Path, validated_uri: str | No
 
 _score_options = stack([
     click.option("--target", "target_uri", default=None,
-                 help="NormSim target: webdataset shards (local or s3://) or a local folder of images."),
+                 help=f"NormSim target: webdataset shards ({ANY_URL}) or a local folder of images."),
     click.option("--reference-size", type=click.IntRange(min=1), default=25_000, show_default=True,
                  help="N pairs drawn uniformly from the pool as the marginal reference."),
     click.option("--reference-seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the reference draw."),

@@ -13,14 +13,14 @@ import click
 from tqdm import tqdm
 
 from curation_platform.cli.display import activity, bar, example, warn
-from curation_platform.cli.group import main, one_line, stack
+from curation_platform.cli.group import ANY_URL, main, one_line, stack
 from curation_platform.cli.pool import discover_with_progress
 from curation_platform.layout import ProjectLayout
 from curation_platform.precision import PRECISIONS
 
 teacher_options = stack([
     click.option("--teacher", "teacher_checkpoint", default=None,
-                 help="Teacher directory or checkpoint file (local or s3://), e.g. one train-teacher wrote."),
+                 help=f"Teacher directory or checkpoint file ({ANY_URL}), e.g. one train-teacher wrote."),
     click.option("--arch", default=None, help="open_clip architecture (with --pretrained or a checkpoint file)."),
     click.option("--pretrained", default=None, help="open_clip pretrained tag, e.g. openai (needs hub access)."),
 ])
@@ -185,10 +185,11 @@ def training_overrides(epochs: int | None, precision: str, threads: int | None,
 
 @main.command("train-teacher", epilog=example("train-teacher ./demo/reference --out ./teacher --epochs 15"))
 @click.argument("reference_uri")
-@click.option("--out", "out_uri", required=True, help="Teacher directory to write (local path or s3:// URI).")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of initialisation, split and order.")
+@click.option("--out", "out_uri", required=True, help=f"Teacher directory to write ({ANY_URL}).")
+@click.option("--training-seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of initialisation, split and order.")
 @training_options
-def train_teacher_command(reference_uri: str, out_uri: str, seed: int, epochs: int | None, precision: str,
+def train_teacher_command(reference_uri: str, out_uri: str, training_seed: int, epochs: int | None, precision: str,
                           threads: int | None, max_seconds: float | None) -> None:
     """Train a small CLIP teacher on a trusted reference split (the data-filtering-network idea).
 
@@ -199,7 +200,7 @@ def train_teacher_command(reference_uri: str, out_uri: str, seed: int, epochs: i
     from curation_platform.teacher_quality import TeacherBar
     from curation_platform.training import TrainingConfig, TrainingTimeLimitExceeded, train_teacher
 
-    config = replace(TrainingConfig(seed=seed), **training_overrides(epochs, precision, threads, max_seconds))
+    config = replace(TrainingConfig(seed=training_seed), **training_overrides(epochs, precision, threads, max_seconds))
     try:
         with TrainingBar() as progress:
             report = train_teacher(reference_uri, out_uri, config, progress=progress)
