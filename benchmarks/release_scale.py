@@ -10,13 +10,18 @@ shards of validated-sample parquet (``samples/``, ``reports/``) and one LanceDB 
 with every score column (seeded normal scores, 3-15 word captions from a 5,000-word Zipf
 vocabulary). Then, each in a fresh interpreter so that its peak memory is its own:
 
-* ``release:<recipe>``: :func:`create_release` of a demo recipe (selection, samples.parquet,
-  subset.npy, manifest, report with plots; no example images, as no tars exist), published locally;
+* ``release:<recipe>``: :func:`create_release` of a demo recipe (the passes of
+  :mod:`curation_platform.releases.passes` on ``--workers`` processes: plan, per-shard candidates, cut-offs,
+  per-shard selections; then samples.parquet, subset.npy, manifest, report with plots; no example
+  images, as no tars exist), published locally;
+* ``single:<recipe>``: the recipe on one whole-pool frame in one process (``run_selection``), the
+  reference the release's ``subset.npy`` must equal byte for byte (``subset_sha256``);
 * ``statistics``: what the ``score_statistics`` asset computes (summary, histograms,
   correlations, text- and image-side KL-decile n-gram coverage) via :func:`write_pool_analysis`,
   on a uniform uid sample of at most 2,000,000 rows as the asset does by default.
 
-``peak_rss_mb`` is the process's ``ru_maxrss``; ``baseline_rss_mb`` is the RSS after imports, so
+``peak_rss_mb`` is the coordinating process's ``ru_maxrss`` and ``worker_peak_rss_mb`` the largest of its
+worker processes' (the per-shard passes); ``baseline_rss_mb`` is the RSS after imports, so
 ``(peak - baseline) / rows`` is the memory each pool row costs.
 """
 
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import json
 import os
 import platform
@@ -103,7 +109,8 @@ def build_pool(root: Path, rows: int, seed: int = 0) -> dict[str, str]:
                 "language": ["en"] * count, "language_score": np.ones(count, np.float32),
             }
             pq.write_table(pa.table(samples, schema=ACCEPTED_SCHEMA), validated / "samples" / f"{shard}.parquet")
-            (validated / "reports" / f"{shard}.json").write_text(json.dumps({"shard": shard, "checksum": shard}))
+            (validated / "reports" / f"{shard}.json").write_text(json.dumps(
+                {"shard": shard, "checksum": shard, "total": count, "accepted": count, "by_reason": {}}))
             scores = {
                 "row_key": [f"{TEACHER_ID}/{uid}" for uid in uids], "uid": uids, "shard": [shard] * count,
                 "teacher_id": [TEACHER_ID] * count,
@@ -121,25 +128,42 @@ def build_pool(root: Path, rows: int, seed: int = 0) -> dict[str, str]:
     return {"lance_uri": lance_uri, "validated_uri": str(validated)}
 
 
-def run_task(task: str, pool: dict[str, str], out: Path) -> dict:
-    """One measured step (in this interpreter)."""
+def _recipe(name: str):
+    from curation_platform.releases import load_recipe, parse_recipe
+
+    return parse_recipe(RECIPES[name]) if RECIPES.get(name) else load_recipe(
+        Path(__file__).resolve().parents[1] / "curation_platform" / "releases" / "demo_recipes" / f"{name}.toml")
+
+
+def run_task(task: str, pool: dict[str, str], out: Path, workers: int) -> dict:
+    """One measured step (in this interpreter, its per-shard passes in ``workers`` processes)."""
     import polars as pl
 
     from curation_platform.analysis import write_pool_analysis
     from curation_platform.ingest import read_captions
-    from curation_platform.releases import ReleaseSources, create_release, load_recipe, parse_recipe
+    from curation_platform.releases import ReleaseOptions, ReleaseSources, create_release
+    from curation_platform.releases.artefacts import npy_bytes, subset_array
+    from curation_platform.releases.inputs import pool_frame, table_versions
     from curation_platform.scoring.pipeline import SCORE_COLUMNS, uid_sample_bound
     from curation_platform.scoring.run import count_scores, read_scores
+    from curation_platform.selection import run_selection
 
     baseline = _rss_mb()
     start = time.perf_counter()
-    if task.startswith("release:"):
-        name = task.split(":", 1)[1]
-        recipe = parse_recipe(RECIPES[name]) if RECIPES.get(name) else load_recipe(
-            Path(__file__).resolve().parents[1] / "curation_platform" / "releases" / "demo_recipes" / f"{name}.toml")
-        sources = ReleaseSources(pool["lance_uri"], pool["validated_uri"], TEACHER_ID)
-        release = create_release(recipe, sources, str(out / "releases"))  # passes in this process: one RSS
-        detail = {"selected": release.manifest["selected"], "pool_rows": release.manifest["pool_rows"]}
+    kind, _, name = task.partition(":")
+    sources = ReleaseSources(pool["lance_uri"], pool["validated_uri"], TEACHER_ID)
+    if kind == "release":
+        release = create_release(_recipe(name), sources, str(out / "releases"), ReleaseOptions(workers=workers))
+        detail = {"selected": release.manifest["selected"], "pool_rows": release.manifest["pool_rows"],
+                  "workers": workers, "subset_sha256": hashlib.sha256((Path(release.uri) / "subset.npy").read_bytes()).hexdigest()}
+    elif kind == "single":  # the former path: the whole pool frame in one process
+        recipe = _recipe(name)
+        if recipe.max_size is not None or recipe.needs_duplicates():
+            raise SystemExit(f"single:{name}: the reference path covers recipes without max_size and dedup")
+        frame = pool_frame(sources, table_versions(sources), recipe.scores_used())
+        uids = run_selection(frame, recipe.policies()).uids.to_pylist()
+        del frame
+        detail = {"selected": len(uids), "subset_sha256": hashlib.sha256(npy_bytes(subset_array(uids))).hexdigest()}
     else:
         uid_below = uid_sample_bound(count_scores(pool["lance_uri"], TEACHER_ID), STATISTICS_MAX_ROWS)
         scores = pl.from_arrow(read_scores(pool["lance_uri"], TEACHER_ID,
@@ -150,21 +174,36 @@ def run_task(task: str, pool: dict[str, str], out: Path) -> dict:
         detail = {"files": len(written), "rows_analysed": scores.height}
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    workers_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     return {"task": task, "seconds": round(seconds, 2), "baseline_rss_mb": round(baseline, 1),
-            "peak_rss_mb": round(peak, 1), **detail}
+            "peak_rss_mb": round(peak, 1), **detail,
+            **({"worker_peak_rss_mb": round(workers_peak, 1)} if kind == "release" else {})}
+
+
+def _check_identical(results: list[dict]) -> None:
+    """A release's subset.npy must equal the one-process selection's, byte for byte."""
+    by_task = {result["task"]: result for result in results}
+    for task, result in by_task.items():
+        single = by_task.get(task.replace("release:", "single:", 1))
+        if task.startswith("release:") and single is not None:
+            result["identical_to_single"] = result["subset_sha256"] == single["subset_sha256"]
+            if not result["identical_to_single"]:
+                raise SystemExit(f"{task} at {result['rows']:,} rows differs from the one-process selection")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[250_000, 1_000_000])
-    parser.add_argument("--tasks", nargs="+", default=[*(f"release:{name}" for name in RECIPES), "statistics"])
+    tasks = [f"{kind}:{name}" for name in RECIPES for kind in ("release", "single")]
+    parser.add_argument("--tasks", nargs="+", default=[*tasks, "statistics"])
+    parser.add_argument("--workers", type=int, default=2, help="processes for a release's per-shard passes")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--task", help=argparse.SUPPRESS)  # internal: run one task in this interpreter
     parser.add_argument("--pool", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.task:
-        print(json.dumps(run_task(args.task, json.loads(args.pool), Path(args.workdir))))
+        print(json.dumps(run_task(args.task, json.loads(args.pool), Path(args.workdir), args.workers)))
         return
 
     results = []
@@ -176,12 +215,15 @@ def main() -> None:
             for task in args.tasks:
                 workdir = Path(scratch) / task.replace(":", "-")
                 completed = subprocess.run(
-                    [sys.executable, __file__, "--task", task, "--pool", json.dumps(pool), "--workdir", str(workdir)],
+                    [sys.executable, __file__, "--task", task, "--pool", json.dumps(pool), "--workdir", str(workdir),
+                     "--workers", str(args.workers)],
                     capture_output=True, text=True, check=True)
                 result = {"rows": rows, **json.loads(completed.stdout.strip().splitlines()[-1])}
                 result["bytes_per_row"] = round((result["peak_rss_mb"] - result["baseline_rss_mb"]) * 2**20 / rows)
+                result["us_per_row"] = round(result["seconds"] * 1e6 / rows, 2)
                 results.append(result)
                 print(json.dumps(result), flush=True)
+            _check_identical([result for result in results if result["rows"] == rows])
     report = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
               "date": dt.date.today().isoformat(), "results": results}
     if args.out:

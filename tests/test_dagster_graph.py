@@ -211,6 +211,7 @@ def test_whole_graph_then_only_the_new_shard(tmp_path: Path, demo_pool_dir: Path
     assert selections["selected_per_recipe"] == {"clip-top": accepted // 2}
     release = by_step[(("release_clip_top",), None)].materialized["release_clip_top"]
     assert release["dagster/row_count"] == accepted // 2 and Path(release["manifest"]).exists()
+    assert release["funnel"].startswith(f"- **{accepted:,}** pool") and len(release["funnel"]) < 1000, "drawn inline"
     assert release["plan_id"] == plan["plan_id"] and set(Path(plan["folder"]).parent.iterdir()) == {Path(plan["folder"])}
     for figure in ("funnel_png", "score_histograms_png"):  # the report inline, sized for the asset page
         encoded = release[figure].split("data:image/png;base64,")[1].rstrip(")")
