@@ -203,7 +203,7 @@ def test_whole_graph_then_only_the_new_shard(tmp_path: Path, demo_pool_dir: Path
     plan = by_step[(("release_plan",), None)].materialized["release_plan"]
     assert plan["shards"] == 1 and plan["dagster/row_count"] == accepted and plan["older_plans_removed"] == 0
     candidates = by_step[(("release_candidates",), "00000")].materialized["release_candidates"]
-    assert candidates["dagster/row_count"] == accepted and candidates["in_plan"] and candidates["shard_index"] == 0
+    assert candidates["dagster/row_count"] == accepted and candidates["shard_indexes"] == [0]
     assert (("release_candidates",), "00001") not in by_step, "a shard stopped at ingestion has no passes"
     cuts = by_step[(("release_cuts",), None)].materialized["release_cuts"]
     assert cuts["plan_id"] == plan["plan_id"] and "clip_score descending, up to key" in cuts["cuts"]

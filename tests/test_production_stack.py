@@ -338,8 +338,13 @@ def test_production_stack(tmp_path: Path, s3_server: S3Settings, demo_pool_dir: 
             _wait(lambda: materialized("shard_scores", keys), 420, "scores of every shard", run_summary)
             _wait(idle, 120, "the scoring runs (and their checks) to finish", run_summary)
             print(f"scored after {time.monotonic() - started:.0f} s")
-            cli("asset", "materialize", "-m", "curation_platform_dagster.definitions", "--select", f"score_statistics,{RELEASE_ASSET}",
-                "--config-json", IN_PROCESS)
+            # The release passes: the plan, per shard the candidates and selections, the cuts between them.
+            for selection, partitions in (("score_statistics,release_plan", [None]), ("release_candidates", keys),
+                                          ("release_cuts", [None]), ("release_selections", keys),
+                                          (RELEASE_ASSET, [None])):
+                for partition in partitions:
+                    cli("asset", "materialize", "-m", "curation_platform_dagster.definitions", "--select", selection,
+                        *(["--partition", partition] if partition else []), "--config-json", IN_PROCESS)
             _wait(idle, 90, "in-flight runs to finish", run_summary)
             seen.update(_descendants(daemon.pid))
             final = timeline()

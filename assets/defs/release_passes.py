@@ -32,7 +32,9 @@ from curation_platform_dagster.defs.scoring import ALL_SHARDS, score_statistics,
 PASSES_FOLDER = "release_passes"  # under the project home: one folder per plan, the latest kept
 PLAN = dg.AssetKey("release_plan")
 SELECTIONS = dg.AssetKey("release_selections")
-CUT_READERS = min(8, os.cpu_count() or 1)  # candidate files the global step reads at once (threads)
+CUT_READERS = min(8, os.cpu_count() or 1)
+# a backfill of a per-shard pass runs as many runs (machines) of up to this many shards each
+PASS_BACKFILL = dg.BackfillPolicy.multi_run(max_partitions_per_run=64)  # candidate files the global step reads at once (threads)
 
 
 def passes_root(platform: PlatformResource) -> str:
@@ -50,9 +52,11 @@ def latest_plan(context: dg.AssetExecutionContext, platform: PlatformResource) -
     return read_plan(folder), folder
 
 
-def _shard_of(plan: ReleasePlan, partition_key: str) -> str | None:
-    """The plan's shard behind a partition (None: the shard has no scored rows, so no release reads it)."""
-    return next((shard for shard in plan.shards if partition_key_for(shard) == partition_key), None)
+def _shards_of(plan: ReleasePlan, partition_keys: list[str]) -> list[str]:
+    """The plan's shards behind a run's partitions (a shard without scored rows is in no plan: no release
+    reads it)."""
+    wanted = set(partition_keys)
+    return [shard for shard in plan.shards if partition_key_for(shard) in wanted]
 
 
 def _described(item: object) -> str:
@@ -108,6 +112,7 @@ def release_pass_assets(recipes: list[Recipe]) -> list[dg.AssetsDefinition]:
 
     @dg.asset(
         partitions_def=shard_partitions,
+        backfill_policy=PASS_BACKFILL,
         deps=[release_plan],
         group_name="releases",
         kinds={"parquet"},
@@ -116,12 +121,13 @@ def release_pass_assets(recipes: list[Recipe]) -> list[dg.AssetsDefinition]:
     )
     def release_candidates(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
         plan, folder = latest_plan(context, platform)
-        shard = _shard_of(plan, context.partition_key)
-        rows = 0 if shard is None else write_candidates(plan, folder, shard)
+        shards = _shards_of(plan, context.partition_keys)
+        rows = {shard: write_candidates(plan, folder, shard) for shard in shards}
         return dg.MaterializeResult(
-            data_version=dg.DataVersion(f"{plan.plan_id}-{rows}"),
-            metadata={"plan_id": plan.plan_id, "dagster/row_count": rows, "in_plan": shard is not None,
-                      "shard_index": plan.index(shard) if shard else -1},
+            data_version=dg.DataVersion(f"{plan.plan_id}-{sum(rows.values())}"),
+            metadata={"plan_id": plan.plan_id, "dagster/row_count": sum(rows.values()), "shards_in_plan": len(shards),
+                      "shards_not_in_plan": len(context.partition_keys) - len(shards),
+                      "shard_indexes": dg.MetadataValue.json([plan.index(shard) for shard in shards])},
         )
 
     @dg.asset(
@@ -155,6 +161,7 @@ def release_pass_assets(recipes: list[Recipe]) -> list[dg.AssetsDefinition]:
 
     @dg.asset(
         partitions_def=shard_partitions,
+        backfill_policy=PASS_BACKFILL,
         deps=[release_cuts],
         group_name="releases",
         kinds={"parquet"},
@@ -163,12 +170,12 @@ def release_pass_assets(recipes: list[Recipe]) -> list[dg.AssetsDefinition]:
     )
     def release_selections(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
         plan, folder = latest_plan(context, platform)
-        shard = _shard_of(plan, context.partition_key)
-        selected = {} if shard is None else {
-            name: write_selection(by_name[name], plan, folder, shard).rows for name in sorted(plan.recipes)}
+        shards = _shards_of(plan, context.partition_keys)
+        selected = {name: sum(write_selection(by_name[name], plan, folder, shard).rows for shard in shards)
+                    for name in sorted(plan.recipes)}
         return dg.MaterializeResult(
             data_version=dg.DataVersion(f"{plan.plan_id}-{sum(selected.values())}"),
-            metadata={"plan_id": plan.plan_id, "in_plan": shard is not None,
+            metadata={"plan_id": plan.plan_id, "shards_in_plan": len(shards),
                       "selected_per_recipe": dg.MetadataValue.json(selected),
                       "dagster/row_count": sum(selected.values())},
         )
