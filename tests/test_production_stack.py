@@ -170,6 +170,7 @@ def _wait(condition: Callable[[], object], timeout: float, what: str, diagnose: 
 # --------------------------------------------------------------------------------------------- the test
 
 
+@pytest.mark.timeout(1500)  # ~12 min on an idle 2-core VM: the daemon, Postgres, S3 and 15 runs, one at a time
 def test_production_stack(tmp_path: Path, s3_server: S3Settings, demo_pool_dir: Path,
                           monkeypatch: pytest.MonkeyPatch) -> None:
     started, wall = time.monotonic(), time.time()
