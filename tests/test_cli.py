@@ -74,3 +74,12 @@ def test_release_commands(tmp_path: Path, scored_demo: dict, demo_pool_dir: Path
     bad_recipe.write_text('name = "x"\n[[stage]]\ntype = "top_fraction"\nscore = "nope"\nfraction = 0.2\n')
     refused = runner.invoke(main, ["release", "create", str(bad_recipe), *common, "--lance", scored_demo["lance"]])
     assert refused.exit_code == 1 and "unknown score 'nope'" in refused.output
+
+
+def test_demo_pool_command_writes_a_pool(tmp_path: Path, monkeypatch) -> None:
+    """The README's first command builds its pool through this path (its progress callback included)."""
+    monkeypatch.setenv("CURATION_PROGRESS", "1")  # draw the bars as on a terminal
+    result = CliRunner().invoke(main, ["demo-pool", "--out", str(tmp_path / "demo"), "--shards", "1",
+                                       "--samples-per-shard", "12", "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    assert sorted(path.name for path in (tmp_path / "demo" / "pool").glob("*.tar")) == ["00000.tar"]

@@ -20,7 +20,7 @@ from curation_platform.scoring.pipeline import prompt_column
 from curation_platform_dagster.definitions import build_definitions, defs
 from curation_platform_dagster.defs.automation import once_available
 from curation_platform_dagster.defs.ingestion import shard_discovery_sensor, shard_partitions
-from curation_platform_dagster.defs.metadata import UI_IMAGE_WIDTH
+from curation_platform_dagster.defs.metadata import INLINE_MARKDOWN_CHARS, UI_IMAGE_WIDTH, bar_chart_markdown
 from curation_platform_dagster.defs.resources import (
     EvaluationResource,
     PlatformResource,
@@ -212,6 +212,8 @@ def test_whole_graph_then_only_the_new_shard(tmp_path: Path, demo_pool_dir: Path
     release = by_step[(("release_clip_top",), None)].materialized["release_clip_top"]
     assert release["dagster/row_count"] == accepted // 2 and Path(release["manifest"]).exists()
     assert release["funnel"].startswith(f"- **{accepted:,}** pool") and len(release["funnel"]) < 1000, "drawn inline"
+    chart = base64.b64decode(release["funnel_chart"].split("data:image/svg+xml;base64,")[1].rstrip(")")).decode()
+    assert len(release["funnel_chart"]) < INLINE_MARKDOWN_CHARS and f">{accepted // 2:,} top_fraction clip_score<" in chart
     assert release["plan_id"] == plan["plan_id"] and set(Path(plan["folder"]).parent.iterdir()) == {Path(plan["folder"])}
     for figure in ("funnel_png", "score_histograms_png"):  # the report inline, sized for the asset page
         encoded = release[figure].split("data:image/png;base64,")[1].rstrip(")")
@@ -280,3 +282,13 @@ def test_whole_graph_then_only_the_new_shard(tmp_path: Path, demo_pool_dir: Path
     assert filled.success and metadata["shards"].value == ["00000", "00001", "00002"]
     assert metadata["rows_written"].value == rows["dagster/row_count"].value, "every scored row, once"
     assert set(metadata["prompt_columns"].value) == {prompt_column(PROMPT), prompt_column(added)}
+
+
+def test_a_funnel_chart_is_drawn_inline_or_not_at_all() -> None:
+    stages = [("pool", 8_000_000), ("basic_filter", 6_000_000), ("decontaminate", 5_990_000), ("dedup", 5_500_000),
+              ("top_fraction neg_clip_loss", 2_400_000), ("top_fraction norm_sim_inf", 1_600_000)]
+    chart = bar_chart_markdown("funnel", stages)
+    assert chart is not None and len(chart) < INLINE_MARKDOWN_CHARS, "six stages fit Dagster's inline limit"
+    svg = base64.b64decode(chart.split("base64,")[1].rstrip(")")).decode()
+    assert svg.count("<rect") == 6 and 'width="360"' in svg and "1,600,000 top_fraction norm_sim_inf" in svg
+    assert bar_chart_markdown("funnel", stages * 3) is None, "too long to draw inline: left to the report"

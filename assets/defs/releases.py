@@ -21,7 +21,7 @@ from curation_platform.releases import (
 from curation_platform.releases.passes import assemble
 from curation_platform.releases.report import INLINE_MAX_BYTES, inline_markdown
 from curation_platform.releases.store import publish_release
-from curation_platform_dagster.defs.metadata import png_metadata
+from curation_platform_dagster.defs.metadata import bar_chart_markdown, png_metadata
 from curation_platform_dagster.defs.release_passes import SELECTIONS, plan_of_release
 from curation_platform_dagster.defs.resources import PlatformResource
 from curation_platform_dagster.defs.scoring import ALL_SHARDS
@@ -119,6 +119,13 @@ def report_metadata(release: Release | str, platform: PlatformResource) -> dict[
     return metadata
 
 
+def _short_stage(stage: str) -> str:
+    """``top_fraction(column=clip_score, fraction=0.3, ...)`` -> ``top_fraction clip_score``."""
+    name, _, arguments = stage.partition("(")
+    column = re.search(r"column=([\w-]+)", arguments)
+    return f"{name} {column.group(1)}" if column else name
+
+
 def release_asset(recipe: Recipe, check_keys: list[dg.AssetCheckKey]) -> dg.AssetsDefinition:
     """The release asset of one recipe; ``check_keys`` are the graph's checks whose results it records."""
     name = release_asset_name(recipe)
@@ -145,6 +152,7 @@ def release_asset(recipe: Recipe, check_keys: list[dg.AssetCheckKey]) -> dg.Asse
         # counts first and one stage a line: the metadata column is narrow, and Dagster 1.13 draws markdown
         # inline only below 1,000 characters (longer values hide behind "[Show Markdown]")
         funnel = "\n".join(f"- **{stage['rows']:,}** {stage['stage']}" for stage in manifest["funnel"])
+        chart = bar_chart_markdown("funnel", [(_short_stage(stage["stage"]), stage["rows"]) for stage in manifest["funnel"]])
         return dg.MaterializeResult(
             data_version=dg.DataVersion(manifest["samples_sha256"][:16]),
             metadata={
@@ -156,6 +164,7 @@ def release_asset(recipe: Recipe, check_keys: list[dg.AssetCheckKey]) -> dg.Asse
                 "manifest": dg.MetadataValue.path(storage.join(created.uri, "manifest.json")),
                 "report": dg.MetadataValue.path(storage.join(created.uri, "report", "report.md")),
                 "funnel": dg.MetadataValue.md(funnel),
+                **({"funnel_chart": dg.MetadataValue.md(chart)} if chart else {}),
                 "lancedb_tables": dg.MetadataValue.json(manifest["lancedb_tables"]),
                 "plan_id": plan.plan_id,
                 **report_metadata(created, platform),

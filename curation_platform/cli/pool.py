@@ -129,8 +129,8 @@ def build_demo_pool_into(out: Path, shards: int, samples_per_shard: int, seed: i
     except FileExistsError as error:
         raise click.ClickException(str(error)) from error
     finally:
-        for bar in bars.values():
-            bar.close()
+        for split in bars.values():
+            split.close()
 
 
 @main.command(epilog=example("discover s3://bucket/pool --json"))
