@@ -7,9 +7,11 @@ import dagster as dg
 from curation_platform.layout import ProjectLayout
 from curation_platform.storage import S3Settings
 
-# Partitioned asset checks are "preview" in dagster 1.13 and the per-shard checks rely on them; the
-# warning is raised when the asset modules below are imported.
+# Partitioned asset checks are "preview" in dagster 1.13 and the per-shard checks rely on them; backfill
+# policies (one run over many shards) are "beta". Both warnings are raised when the asset modules below are
+# imported, on every CLI command.
 warnings.filterwarnings("ignore", category=dg.PreviewWarning)
+warnings.filterwarnings("ignore", category=dg.BetaWarning, message="Parameter `backfill_policy`")
 
 from curation_platform_dagster.defs.duplicates import (
     duplicate_groups,
