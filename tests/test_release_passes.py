@@ -24,18 +24,8 @@ from curation_platform.releases.passes import (
     write_plan,
     write_selection,
 )
+from tests.helpers.recipes import NEGCLIP_NORMSIM
 
-TOP_THEN_TOP = """
-name = "top-then-top"
-[[stage]]
-type = "top_fraction"
-score = "neg_clip_loss"
-fraction = 0.30
-[[stage]]
-type = "top_fraction"
-score = "clip_score"
-fraction = 0.20
-"""
 # a global stage on the survivors (a uid set saved per shard), then a size bound with ties by uid
 GLOBAL_TAIL = """
 name = "global-tail"
@@ -63,10 +53,10 @@ def _written(recipe, selected, folder: Path) -> tuple[bytes, bytes]:
 
 
 def test_step_by_step_on_a_store_equals_one_call(demo_sources: ReleaseSources, tmp_path: Path) -> None:
-    recipes = [parse_recipe(TOP_THEN_TOP), parse_recipe(GLOBAL_TAIL)]
+    recipes = [parse_recipe(NEGCLIP_NORMSIM), parse_recipe(GLOBAL_TAIL)]
     plan = plan_releases(recipes, demo_sources)
     assert plan_releases(recipes, demo_sources, plan.versions).plan_id == plan.plan_id, "same inputs, same plan"
-    assert len(plan.shards) > 1 and set(plan.recipes) == {"top-then-top", "global-tail"}
+    assert len(plan.shards) > 1 and set(plan.recipes) == {"negclip-normsim", "global-tail"}
     folder = PassFolder(f"memory://passes-{tmp_path.name}/{plan.plan_id}")
     write_plan(plan, folder)
     plan = read_plan(folder)  # every later step starts from the recorded plan, as a worker would
@@ -103,13 +93,13 @@ def test_each_shard_reads_only_its_part_of_a_uid_set(demo_sources: ReleaseSource
 
 
 def test_an_edited_recipe_or_a_missing_pass_is_refused(demo_sources: ReleaseSources, tmp_path: Path) -> None:
-    recipe = parse_recipe(TOP_THEN_TOP)
+    recipe = parse_recipe(NEGCLIP_NORMSIM)
     plan = plan_releases([recipe], demo_sources)
     folder = PassFolder(str(tmp_path))
     write_plan(plan, folder)
     for shard in plan.shards:
         write_candidates(plan, folder, shard)
-    edited = parse_recipe(TOP_THEN_TOP.replace("0.20", "0.25"))
+    edited = parse_recipe(NEGCLIP_NORMSIM.replace("0.20", "0.25"))
     with pytest.raises(RecipeError, match="is not in release plan"):
         resolve_recipe(edited, plan, folder)
     resolve_recipe(recipe, plan, folder)

@@ -14,7 +14,6 @@ from curation_platform.releases import (
     Release,
     ReleaseOptions,
     load_recipe,
-    open_release,
     read_samples,
     verify_release,
 )
@@ -89,16 +88,14 @@ REPORT_FIGURES = {"funnel_png": "funnel.png", "score_histograms_png": "score_his
 PREVIEW_ROWS = 10
 
 
-def report_metadata(release: Release | str, platform: PlatformResource) -> dict[str, dg.MetadataValue]:
+def report_metadata(release: Release, platform: PlatformResource) -> dict[str, dg.MetadataValue]:
     """The report as the asset page shows it: its main figures inline (downscaled to the panel's width)
     and a preview of the released samples. With the report the release was just made with
     (``release.report``): its UI figures (funnel, score histograms, the samples around each cut-off, the
     random sample) and, as ``report_markdown``, those in one page under a byte budget (the funnel tables
-    first); otherwise (a release opened from storage, or its URI) the figures are read from the published
+    first); otherwise (a release opened from storage) the figures are read from the published
     report: the funnel, score histograms, language composition and the best and worst examples of the first
     ranked score."""
-    if isinstance(release, str):
-        release = open_release(release, platform.s3)
     if release.report is not None:
         metadata = {f"{path.stem}_png": png_metadata(f"{path.stem}_png", png)
                     for _, path, png in release.report.ui_figures()}
